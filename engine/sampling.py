@@ -1,0 +1,86 @@
+"""Turning logits into the next token: greedy, temperature, top-k, top-p, min-p, repetition penalty."""
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)  # stop strings, besides the EOS ids
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def generation_defaults(path: Path) -> dict:
+    """Sampling defaults from a model's generation_config.json, under SamplingParams' names."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError:
+        return {}
+    names = {f.name for f in fields(SamplingParams)}
+    defaults = {k: v for k, v in raw.items() if k in names and v is not None}
+    if raw.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [V]; history [N] token ids seen so far. Same rule as Hugging Face (divide positive, multiply negative)."""
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    seen = logits.gather(0, history)
+    logits = logits.clone()
+    logits.scatter_(0, history, torch.where(seen > 0, seen / penalty, seen * penalty))
+    return logits
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampled from at temperature > 0 after top-k, top-p and min-p filtering: logits [V] -> probs [V]."""
+    logits = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the strictly more likely tokens
+        drop = torch.zeros_like(probs).scatter_(0, order, (before >= params.top_p).float()).bool()
+        probs = probs.masked_fill(drop, 0.0)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams, device: torch.device):
+        self.params = params
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
+        """logits [V] float32 for the next position; history [N] ids the penalty applies to."""
+        logits = apply_repetition_penalty(logits, history, self.params.repetition_penalty)
+        if self.params.greedy:
+            return int(logits.argmax())
+        probs = probabilities(logits, self.params)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
