@@ -1,0 +1,153 @@
+"""Block-sparse attention for decode and speculative verification (split-K / flash-decoding).
+
+q [Hq, T, d] holds T (1..8) queries at positions L-T..L-1 that share one selection per kv head:
+block_idx [Hkv, 1, max_sel], block_count [Hkv, 1] (the prefill layout with a single tile). The
+T queries are causal among themselves. Semantics: `reference` (= sparse_attention.reference with
+q_start = L-T and one tile).
+
+Pass 1, one program per (kv head, split): the G*T rows of the group (row r = t*G + j) run online
+softmax over a contiguous share of the selected blocks and write an unnormalised partial
+(acc, m, l) in fp32 scratch. Pass 2, one program per (kv head, row): merge the splits.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from infer.kernels import sparse_attention
+
+
+@triton.jit
+def _sparse_decode_split(
+    q_ptr, k_ptr, v_ptr, idx_ptr, cnt_ptr, acc_ptr, m_ptr, l_ptr,
+    stride_qh, stride_qt, stride_kh, stride_kt, stride_vh, stride_vt, stride_ih, stride_ch,
+    T, L, qk_scale,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N  # kernel steps per selected block
+
+    rows = tl.arange(0, BLOCK_M)  # [BLOCK_M] row = t * GROUP + j
+    t = rows // GROUP
+    h = kvh * GROUP + rows % GROUP
+    row_ok = rows < GROUP * T
+    qpos = L - T + t  # [BLOCK_M] absolute position
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q = tl.load(q_ptr + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    n_sel = tl.load(cnt_ptr + kvh * stride_ch)
+    per_split = tl.cdiv(n_sel, n_splits)
+    start = split * per_split
+    end = tl.minimum(start + per_split, n_sel)
+    idx_base = idx_ptr + kvh * stride_ih
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for i in range(start * SUB, end * SUB):
+        blk = tl.load(idx_base + i // SUB)
+        kpos = blk * BLOCK_SIZE + (i % SUB) * BLOCK_N + offs_n  # [BLOCK_N]
+        k = tl.load(k_base + kpos[None, :] * stride_kt + offs_d[:, None],
+                    mask=kpos[None, :] < L, other=0.0)  # [D, BLOCK_N]
+        s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where(kpos[None, :] <= qpos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + kpos[:, None] * stride_vt + offs_d[None, :],
+                    mask=kpos[:, None] < L, other=0.0)  # [BLOCK_N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    part = (kvh * n_splits + split) * BLOCK_M + rows  # [BLOCK_M] row of the scratch
+    tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc)
+    tl.store(m_ptr + part, m_i)
+    tl.store(l_ptr + part, l_i)
+
+
+@triton.jit
+def _sparse_decode_reduce(
+    acc_ptr, m_ptr, l_ptr, o_ptr, stride_oh, stride_ot, n_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    row = tl.program_id(1)  # t * GROUP + j
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < n_splits
+    part = (kvh * n_splits + offs_s) * BLOCK_M + row  # [BLOCK_S]
+    m = tl.load(m_ptr + part, mask=s_ok, other=float("-inf"))  # [BLOCK_S]
+    l = tl.load(l_ptr + part, mask=s_ok, other=0.0)
+    acc = tl.load(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # [BLOCK_S, D]
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # [BLOCK_S], 0 for empty splits
+    l_tot = tl.sum(l * w, 0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(l_tot == 0.0, 1.0, l_tot)  # [D], no visible key -> 0
+    h = kvh * GROUP + row % GROUP
+    tl.store(o_ptr + h * stride_oh + (row // GROUP) * stride_ot + offs_d, o.to(o_ptr.dtype.element_ty))
+
+
+def reference(q, k_cache, v_cache, L, block_idx, block_count, block_size=64, sm_scale=None):
+    """Exact semantics in plain PyTorch (fp32 result): the prefill reference for one tile of T queries."""
+    T = q.shape[1]
+    return sparse_attention.reference(q, k_cache, v_cache, L - T, block_idx, block_count,
+                                      q_tile=T, block_size=block_size, sm_scale=sm_scale)
+
+
+def choose_num_splits(max_sel, n_kv_heads, target_programs):
+    """Splits per kv head so that n_kv_heads * splits ~ target_programs, at most one block per split.
+
+    Uses the selection capacity max_sel, not block_count, so no host sync (CUDA-graph friendly)."""
+    return max(1, min(max_sel, triton.cdiv(target_programs, n_kv_heads)))
+
+
+def sparse_decode(q, k_cache, v_cache, L, block_idx, block_count, block_size=64, sm_scale=None, out=None,
+                  num_splits=None, target_programs=264, block_n=64, num_warps=4, num_stages=2):
+    """Block-sparse attention of T (1..8) queries at positions L-T..L-1 (semantics: `reference`).
+
+    q [Hq, T, d]; k_cache, v_cache [Hkv, max_len, d] with keys 0..L-1 live; block_idx int32
+    [Hkv, 1, max_sel], block_count int32 [Hkv, 1]. Returns o [Hq, T, d] in q's dtype (into `out`
+    when given). num_splits defaults to choose_num_splits(max_sel, Hkv, target_programs);
+    target_programs=264 is two programs per SM on an H100. Selecting every block gives dense decode.
+    """
+    Hq, T, d = q.shape
+    Hkv = k_cache.shape[0]
+    max_sel = block_idx.shape[2]
+    assert Hq % Hkv == 0 and d == triton.next_power_of_2(d) and block_size % block_n == 0
+    assert block_idx.shape[:2] == (Hkv, 1) and block_count.shape == (Hkv, 1) and block_idx.stride(2) == 1
+    assert T <= L <= k_cache.shape[1]
+    assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    G = Hq // Hkv
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    num_splits = choose_num_splits(max_sel, Hkv, target_programs) if num_splits is None else num_splits
+    block_m = max(16, triton.next_power_of_2(G * T))  # tl.dot needs M >= 16
+    o = torch.empty_like(q) if out is None else out  # [Hq, T, d]
+    assert o.shape == q.shape and o.stride(2) == 1
+
+    acc = torch.empty(Hkv, num_splits, block_m, d, dtype=torch.float32, device=q.device)  # partial sums
+    m = torch.empty(Hkv, num_splits, block_m, dtype=torch.float32, device=q.device)  # partial max, log2
+    l = torch.empty_like(m)  # partial denominators
+    _sparse_decode_split[(Hkv, num_splits)](
+        q, k_cache, v_cache, block_idx, block_count, acc, m, l,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        block_idx.stride(0), block_count.stride(0),
+        T, L, sm_scale * sparse_attention.LOG2E,
+        GROUP=G, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _sparse_decode_reduce[(Hkv, G * T)](
+        acc, m, l, o, o.stride(0), o.stride(1), num_splits,
+        GROUP=G, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_S=triton.next_power_of_2(num_splits),
+    )
+    return o
