@@ -1,0 +1,127 @@
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
+
+import math
+
+import pytest
+import torch
+
+import infer.kernels.block_select as block_select_module
+from infer.kernels.block_select import (
+    block_scores, block_select, max_selected, reference, reference_scores, select_blocks,
+)
+from infer.kernels.pool_keys import num_summaries
+
+# (Hkv, G, d, q_start, T, q_tile, dtype, geometry: kernel/stride/block_size overrides).
+# fp16/fp32 only: tl.dot on bf16 is wrong under the triton interpreter.
+CASES = [
+    (2, 1, 64, 0, 200, 64, torch.float32, {}),  # prefill from 0, ragged T, MHA
+    (2, 2, 128, 333, 77, 32, torch.float16, {}),  # chunked prefill
+    (1, 4, 64, 1290, 1, 64, torch.float16, {}),  # decode, summaries split over programs
+    (1, 8, 64, 4100, 1, 64, torch.float16, {}),  # decode, longer
+    (2, 8, 64, 517, 45, 16, torch.float16, {}),  # GQA 8, several tiles
+    (1, 4, 64, 1290, 40, 16, torch.float16, {}),  # several chunks of summaries
+    (1, 3, 64, 100, 50, 16, torch.float32, {}),  # group size not a power of two
+    (1, 2, 64, 150, 60, 16, torch.float16, dict(kernel=16, stride=8, block_size=32)),
+    (2, 2, 64, 0, 20, 64, torch.float16, {}),  # fewer keys than one window: no summaries
+]
+
+
+def make_inputs(Hkv, G, d, q_start, T, dtype, kernel=32, stride=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = num_summaries(q_start + T, kernel, stride)
+    q = torch.randn(Hkv * G, T, d, generator=g).to(dtype)  # [Hq, T, d]
+    summaries = torch.full((Hkv, C + 5, d), float("nan"), dtype=dtype)  # [Hkv, max_summaries, d]
+    summaries[:, :C] = torch.randn(Hkv, C, d, generator=g).to(dtype)  # past C: never read
+    return q, summaries
+
+
+def forced_blocks(q_start, T, i, q_tile, block_size, init_blocks, window):
+    p_lo, p_hi = q_start + i * q_tile, q_start + min((i + 1) * q_tile, T) - 1
+    return {b for b in range(p_hi // block_size + 1) if b < init_blocks or (b + 1) * block_size > p_lo - window + 1}
+
+
+def check_selection(got, ref, ref_scores, q_start, T, q_tile, block_size, init_blocks, window, tol=1e-5):
+    """got == ref up to ties: a block chosen by one side only must tie (within tol) with one chosen by the other."""
+    (idx, cnt), (ref_idx, ref_cnt) = got, ref
+    assert idx.dtype == cnt.dtype == torch.int32 and idx.shape == ref_idx.shape
+    assert torch.equal(cnt, ref_cnt)
+    Hkv, n_tiles, max_sel = idx.shape
+    for g in range(Hkv):
+        for i in range(n_tiles):
+            n = int(cnt[g, i])
+            row = idx[g, i].tolist()
+            assert row[:n] == sorted(row[:n]) and len(set(row[:n])) == n and row[n:] == [-1] * (max_sel - n)
+            sel, ref_sel = set(row[:n]), set(ref_idx[g, i, :n].tolist())
+            assert forced_blocks(q_start, T, i, q_tile, block_size, init_blocks, window) <= sel
+            s = ref_scores[g, i]
+            for a in sel - ref_sel:
+                assert all(abs(float(s[a] - s[b])) <= tol for b in ref_sel - sel), (g, i, sel, ref_sel)
+
+
+@pytest.mark.parametrize("one_split", [False, True])  # True: each program loops over all its summary chunks
+@pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo", CASES)
+def test_scores_match_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, one_split, monkeypatch):
+    if one_split:
+        monkeypatch.setattr(block_select_module, "_TARGET_PROGRAMS", 1)
+    q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, **{k: v for k, v in geo.items() if k != "block_size"})
+    got = block_scores(q, summaries, q_start, q_tile=q_tile, **geo)
+    ref = reference_scores(q, summaries, q_start, q_tile=q_tile, **geo)
+    assert got.shape == ref.shape
+    assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)  # -inf must match -inf
+
+
+@pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo", CASES)
+@pytest.mark.parametrize(
+    "topk, window, init_blocks",
+    [(4, 100, 1), (3, 2048, 1), (2, 40, 2), (100, 64, 1)],  # topk < / > blocks, window < / > sequence
+)
+def test_select_matches_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, topk, window, init_blocks):
+    q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, **{k: v for k, v in geo.items() if k != "block_size"})
+    block_size = geo.get("block_size", 64)
+    sel = dict(q_tile=q_tile, topk=topk, window=window, init_blocks=init_blocks, **geo)
+    got = block_select(q, summaries, q_start, **sel)
+    ref = reference(q, summaries, q_start, **sel)
+    ref_scores = reference_scores(q, summaries, q_start, q_tile=q_tile, **geo)
+    check_selection(got, ref, ref_scores, q_start, T, q_tile, block_size, init_blocks, window)
+
+
+@pytest.mark.parametrize("q_start, T, window", [(0, 300, 1), (700, 130, 64), (1000, 1, 2048)])
+def test_topk_at_least_blocks_selects_every_causal_block(q_start, T, window):
+    q, summaries = make_inputs(2, 2, 64, q_start, T, torch.float32)
+    L = q_start + T
+    topk = math.ceil(L / 64)
+    for idx, cnt in (reference(q, summaries, q_start, topk=topk, window=window),
+                     block_select(q, summaries, q_start, topk=topk, window=window)):
+        for i in range(idx.shape[1]):
+            n_causal = (q_start + min((i + 1) * 64, T) - 1) // 64 + 1
+            assert (cnt[:, i] == n_causal).all()
+            assert (idx[:, i, :n_causal] == torch.arange(n_causal, dtype=torch.int32)).all()
+            assert (idx[:, i, n_causal:] == -1).all()
+
+
+def test_forced_blocks_beyond_topk_are_all_kept():
+    q_start, T, topk, window = 2000, 64, 4, 1000
+    assert max_selected(topk, window) == 1 + 17 + 1
+    q, summaries = make_inputs(1, 2, 64, q_start, T, torch.float16)
+    idx, cnt = block_select(q, summaries, q_start, topk=topk, window=window)
+    forced = sorted(forced_blocks(q_start, T, 0, 64, 64, 1, window))  # block 0 and blocks 15..32
+    assert len(forced) > topk and cnt.tolist() == [[len(forced)]]
+    assert idx[0, 0].tolist() == forced + [-1] * (idx.shape[2] - len(forced))
+
+
+def test_unscored_blocks_are_never_chosen():
+    # A hand-made score buffer: block 2 has no score, blocks 1 and 3 do; block 4 is the local window.
+    scores = torch.tensor([[[-math.inf, 0.5, -math.inf, 0.25, -math.inf]]])  # [Hkv=1, n_tiles=1, n_blocks=5]
+    idx, cnt = select_blocks(scores, q_start=300, T=1, topk=5, window=1, init_blocks=1)
+    assert cnt.tolist() == [[4]] and idx[0, 0, :5].tolist() == [0, 1, 3, 4, -1]
+
+
+@pytest.mark.parametrize("window, first", [(236, 1), (237, 1), (238, 0), (1, 4), (2048, 0)])
+def test_local_window_edges(window, first):
+    # Query at position 300 (block 4); the window [301 - window, 300] starts in block `first`.
+    scores = torch.full((1, 1, 5), -math.inf)  # nothing scored: exactly the forced blocks are chosen
+    idx, cnt = select_blocks(scores, q_start=300, T=1, topk=1, window=window, init_blocks=0)
+    assert idx[0, 0, : int(cnt)].tolist() == list(range(first, 5))
