@@ -1,16 +1,37 @@
-"""The one attention entry point: every layer's attention over the KV cache goes through `attend`."""
+"""The one attention entry point: every layer's attention over the KV cache goes through `attend`.
+
+Dense: torch SDPA. Sparse (InfLLM-V2): score the pooled key summaries with the queries of each GQA group, keep the
+top-k 64-token blocks plus the sink and local-window blocks, then attend exactly over those blocks. On CUDA the
+Triton kernels run; elsewhere their plain-torch references do.
+"""
 
 import torch
 import torch.nn.functional as F
 
+from infer.kernels import block_select, sparse_attention, sparse_decode
+
 from .kv_cache import KVCache
+
+DECODE_MAX_QUERIES = 8  # up to this many queries (decode, speculative verification) use the split-K decode kernel
+
+
+def uses_sparse(cache: KVCache, end: int) -> bool:
+    """Whether attention for queries ending at position `end` takes the sparse path."""
+    sparse = cache.sparse
+    return sparse is not None and (sparse.mode == "on" or (sparse.mode == "auto" and end > sparse.dense_len))
 
 
 def attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
     """Causal attention of queries q [Hq, T, d] at positions start..start+T-1 over cached keys 0..start+T-1.
 
-    Returns [Hq, T, d]. Dense torch SDPA; grouped-query heads read their shared K/V without expansion.
+    Returns [Hq, T, d]. Grouped-query heads read their shared K/V without expansion.
     """
+    if uses_sparse(cache, start + q.shape[1]):
+        return sparse_attend(q, cache, layer, start)
+    return dense_attend(q, cache, layer, start)
+
+
+def dense_attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
     num_q = q.shape[1]
     end = start + num_q
     k = cache.k[layer, :, :end]  # [Hkv, L, d]
@@ -22,3 +43,36 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Ten
         q[None], k[None], v[None], attn_mask=mask, is_causal=num_q > 1 and start == 0, enable_gqa=True
     )
     return out[0]
+
+
+def select(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks each query tile of each GQA group attends: (block_idx [Hkv, n_tiles, S], block_count [Hkv, n_tiles])."""
+    s = cache.sparse
+    q_tile = s.block_size if q.shape[1] > DECODE_MAX_QUERIES else 16  # decode: all queries in one tile
+    shape = dict(kernel=s.kernel_size, stride=s.kernel_stride, block_size=s.block_size, q_tile=q_tile)
+    summaries = cache.summaries[layer]  # [Hkv, C, d]
+    if q.is_cuda:
+        scores = block_select.block_scores(q, summaries, start, **shape)
+    else:
+        scores = block_select.reference_scores(q, summaries, start, **shape)
+    return block_select.select_blocks(scores, start, q.shape[1], s.block_size, q_tile, s.topk, s.init_blocks,
+                                      s.window_size)
+
+
+def sparse_attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+    s = cache.sparse
+    num_q = q.shape[1]
+    end = start + num_q
+    block_idx, block_count = select(q, cache, layer, start)
+    cache.last_selection = (block_count, end)
+    k, v = cache.k[layer], cache.v[layer]  # [Hkv, max_len, d]
+    if num_q <= DECODE_MAX_QUERIES:
+        if q.is_cuda:
+            return sparse_decode.sparse_decode(q, k, v, end, block_idx, block_count, block_size=s.block_size)
+        return sparse_decode.reference(q, k, v, end, block_idx, block_count, block_size=s.block_size).to(q.dtype)
+    q_tile = s.block_size
+    if q.is_cuda:
+        return sparse_attention.sparse_attention(q, k, v, start, block_idx, block_count, q_tile=q_tile,
+                                                 block_size=s.block_size)
+    return sparse_attention.reference(q, k, v, start, block_idx, block_count, q_tile=q_tile,
+                                      block_size=s.block_size).to(q.dtype)

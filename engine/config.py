@@ -30,6 +30,7 @@ class SparseConfig:
     topk: int = 64  # blocks attended per query tile, forced ones included
     use_nope: bool = False  # score blocks with queries/keys before RoPE
     dense_len: int = 8192  # sequences up to this length stay dense
+    mode: str = "auto"  # "auto": sparse past dense_len; "on": always sparse; "off": always dense
 
 
 @dataclass

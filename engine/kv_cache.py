@@ -1,20 +1,45 @@
-"""The KV cache: one preallocated, contiguous buffer per layer, shared by dense and sparse attention."""
+"""The KV cache: one preallocated, contiguous buffer per layer, shared by dense and sparse attention.
+
+With sparse attention on, it also keeps the pooled key summaries (InfLLM-V2): summary c is the mean of the keys
+in window [c*stride, c*stride + kernel). They are a pure function of the keys before them, so truncating the cache
+needs no bookkeeping: the first num_summaries(length) summaries stay valid.
+"""
 
 import torch
 
+from infer.kernels import pool_keys
+
+from .config import SparseConfig
+
 
 class KVCache:
-    def __init__(self, num_layers: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+    def __init__(self, num_layers: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device,
+                 sparse: SparseConfig | None = None):
         self.max_len = max_len
         self.k = torch.empty(num_layers, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)  # [layers, Hkv, max_len, d]
         self.v = torch.empty_like(self.k)  # [layers, Hkv, max_len, d]
         self.length = 0  # tokens whose keys and values are stored
+        self.sparse = sparse  # None: dense attention only, no summaries kept
+        self.last_selection = None  # (block_count [Hkv, n_tiles], keys) of the latest sparse call, for stats
+        if sparse is not None:
+            max_summaries = max(1, pool_keys.num_summaries(max_len, sparse.kernel_size, sparse.kernel_stride))
+            self.summaries = torch.empty(num_layers, num_kv_heads, max_summaries, head_dim, dtype=dtype, device=device)  # [layers, Hkv, C, d]
 
     def append(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [Hkv, T, d] at positions start..start+T-1 of one layer."""
+        """Store k, v [Hkv, T, d] at positions start..start+T-1 of one layer; pool the windows they complete."""
         end = start + k.shape[1]
         self.k[layer, :, start:end] = k
         self.v[layer, :, start:end] = v
+        if self.sparse is None:
+            return
+        kernel, stride = self.sparse.kernel_size, self.sparse.kernel_stride
+        first, last = pool_keys.num_summaries(start, kernel, stride), pool_keys.num_summaries(end, kernel, stride)
+        if last <= first:
+            return
+        if k.is_cuda:
+            pool_keys.pool_keys(self.k[layer], self.summaries[layer], first, last, kernel, stride)
+        else:
+            self.summaries[layer, :, first:last] = pool_keys.reference(self.k[layer], first, last, kernel, stride)
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (rolled-back drafts, a new turn that diverges, /reset)."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend
-from .config import ModelConfig
+from .config import ModelConfig, SparseConfig
 from .kv_cache import KVCache
 from .rope import Rope, apply_rope
 
@@ -92,9 +92,9 @@ class Transformer(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def new_cache(self, max_len: int) -> KVCache:
+    def new_cache(self, max_len: int, sparse: SparseConfig | None = None) -> KVCache:
         w = self.embed_tokens.weight
-        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, w.dtype, w.device)
+        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, w.dtype, w.device, sparse)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""Sparse attention inside the model: the dense/sparse switch, block selection, summaries under rollback."""
+
+import pytest
+import torch
+
+from infer.engine.config import ModelConfig, SparseConfig
+from infer.engine.model import Transformer
+from infer.kernels import pool_keys
+
+TINY = dict(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_dict(TINY))
+    for p in model.parameters():
+        p.requires_grad_(False).normal_(0, 0.3)
+    model.setup(torch.device("cpu"))
+    return model
+
+
+def small_sparse(**overrides) -> SparseConfig:
+    return SparseConfig(**{**dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=16, topk=4,
+                                  init_blocks=1, dense_len=64, mode="on"), **overrides})
+
+
+def run(model, tokens, sparse, chunks):
+    cache = model.new_cache(tokens.shape[0] + 4, sparse)
+    out, begin = [], 0
+    for size in chunks:
+        out.append(model(tokens[begin:begin + size], cache, num_logits=size))
+        begin += size
+    return torch.cat(out), cache
+
+
+def test_sparse_with_every_block_selected_equals_dense():
+    model, tokens = tiny_model(), torch.randint(0, 97, (150,))
+    dense, _ = run(model, tokens, None, [150])
+    everything = small_sparse(topk=1000)
+    for chunks in ([150], [70, 40, 30] + [1] * 10, [100, 5, 3, 42]):
+        sparse, _ = run(model, tokens, everything, chunks)
+        assert torch.allclose(sparse, dense, atol=1e-4, rtol=1e-4), (chunks, (sparse - dense).abs().max())
+
+
+def test_sparse_selection_changes_long_range_attention_only():
+    model, tokens = tiny_model(), torch.randint(0, 97, (200,))
+    dense, _ = run(model, tokens, None, [200])
+    sparse, cache = run(model, tokens, small_sparse(), [150] + [1] * 50)
+    window_only = 16 + 16  # queries whose causal keys all lie in forced blocks see exactly the dense keys
+    assert torch.allclose(sparse[:window_only], dense[:window_only], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(sparse[150:], dense[150:], atol=1e-3)
+    block_count, keys = cache.last_selection
+    assert keys == 200 and int(block_count.max()) <= 4 + 2  # topk, plus forced blocks past it
+
+
+def test_auto_mode_is_dense_up_to_dense_len():
+    model, tokens = tiny_model(), torch.randint(0, 97, (100,))
+    dense, _ = run(model, tokens, None, [64] + [1] * 36)
+    auto, _ = run(model, tokens, small_sparse(mode="auto", dense_len=80), [64] + [1] * 36)
+    assert torch.allclose(auto[:80], dense[:80], atol=1e-5)  # positions < dense_len: dense
+    assert not torch.allclose(auto[80:], dense[80:], atol=1e-3)  # past it: sparse
+
+
+@pytest.mark.parametrize("keep", [0, 37, 64, 99])
+def test_summaries_after_rollback_equal_a_cache_that_never_saw_the_rejected_tokens(keep):
+    model = tiny_model()
+    tokens, other = torch.randint(0, 97, (120,)), torch.randint(0, 97, (120,))
+    sparse = small_sparse()
+    _, clean = run(model, tokens[:keep + 20], sparse, [keep, 20] if keep else [20])
+    cache = model.new_cache(keep + 60, sparse)
+    if keep:
+        model(tokens[:keep], cache)
+    model(other[:50], cache)  # rejected continuation
+    cache.truncate(keep)
+    model(tokens[keep:keep + 20], cache)
+    n = pool_keys.num_summaries(keep + 20, sparse.kernel_size, sparse.kernel_stride)
+    assert torch.equal(cache.summaries[:, :, :n], clean.summaries[:, :, :n])
+    assert torch.equal(cache.k[:, :, :keep + 20], clean.k[:, :, :keep + 20])
