@@ -1,2 +1,249 @@
-def main():
-    print("infer")
+"""The `infer` command: parses flags, drives the engine, renders. It computes nothing itself."""
+
+import argparse
+import sys
+from importlib.metadata import version
+
+from infer.engine.errors import InferError
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a model folder (Hugging Face layout) or a catalogue name, e.g. smollm2-135m-instruct")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--max-context", type=int, help="tokens the KV cache holds (default: the model's context)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, help="0 is greedy (default: the model's generation_config, else 0)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_overrides(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def load_engine(args):
+    from infer.engine.generate import Engine
+    from infer.weights.catalogue import resolve_model
+
+    return Engine(resolve_model(args.model), device=args.device, dtype=args.dtype, max_context=args.max_context,
+                  progress=sys.stderr.isatty())
+
+
+def cmd_generate(args) -> None:
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise InferError("give a prompt with -p/--prompt or on stdin")
+        prompt = read_stdin()
+    engine = load_engine(args)
+    if args.raw:
+        tokens = engine.tokenizer.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        tokens = engine.tokenizer.encode_chat(messages)
+    for piece in engine.generate(tokens, engine.sampling_params(**sampling_overrides(args))):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(engine.stats.line(), file=sys.stderr)
+
+
+def cmd_pull(args) -> None:
+    from infer.weights.catalogue import pull
+
+    print(pull(args.name))
+
+
+def cmd_bench(args) -> None:
+    import json
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from infer.engine import bench
+    from infer.engine.device import default_device, parse_dtype
+
+    if args.attention or args.check:
+        return cmd_bench_attention(args)
+    device = torch.device(args.device or default_device())
+    dtype = parse_dtype(args.dtype, device.type)
+    model = bench.random_model(args.shape, device, dtype)
+    bandwidth = bench.copy_bandwidth(device)
+    rows = [bench.run_prefill(model, n) for n in args.prompt_tokens]
+    rows += [bench.run_decode(model, args.gen_tokens, d) for d in args.depths]
+    if args.json:
+        print(json.dumps([{**vars(r), "tok_per_s": r.tok_per_s} for r in rows]))
+        return
+    table = Table(title=f"{args.shape} (random weights), {dtype}, {_device_name(device)}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    for column in ("test", "depth", "tok/s", "ms/tok", "roofline tok/s", "% of roofline"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        roofline = bandwidth / r.bytes_per_token if r.bytes_per_token else 0.0
+        table.add_row(r.test, str(r.depth), f"{r.tok_per_s:.1f}", f"{1000 / r.tok_per_s:.3f}",
+                      f"{roofline:.1f}" if roofline else "", f"{100 * r.tok_per_s / roofline:.0f}%" if roofline else "")
+    Console().print(table)
+
+
+def cmd_bench_attention(args) -> None:
+    """One attention layer at the Llama-3-8B shape: torch SDPA vs our block-sparse kernels vs FlexAttention."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from infer.engine import bench
+    from infer.engine.device import parse_dtype
+
+    if not args.attention:
+        raise InferError("--check goes with --attention")
+    if not torch.cuda.is_available() or (args.device or "cuda").split(":")[0] != "cuda":
+        raise InferError("bench --attention measures the CUDA kernels: it needs a CUDA GPU")
+    device = torch.device(args.device or "cuda")
+    dtype = parse_dtype(args.dtype, "cuda")
+    checks = []
+    if args.check:
+        checks = bench.attention_checks(dtype=dtype, device=device)
+        if not args.json:
+            for c in checks:
+                print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}", flush=True)
+        if not all(c.passed for c in checks):
+            if args.json:
+                print(json.dumps({"checks": [asdict(c) for c in checks], "rows": []}))
+            raise InferError("attention kernel checks failed; nothing timed")
+    rows = []
+    for n in args.context:
+        print(f"measuring one attention layer at {n} tokens ...", file=sys.stderr, flush=True)
+        rows.append(bench.attention_row(n, chunk=args.chunk, dtype=dtype, device=device))
+    if args.json:
+        nan_to_none = lambda d: {k: None if v != v else v for k, v in d.items()}  # strict JSON has no NaN
+        print(json.dumps({"checks": [asdict(c) for c in checks], "rows": [nan_to_none(asdict(r)) for r in rows]}))
+        return
+    table = Table(title=f"one attention layer, Hq 32, Hkv 8, d 128, {dtype}, random q/k/v, {_device_name(device)}; "
+                        f"sparse: kernel 32, stride 16, block 64, top-k 64, init 1, window 2048; "
+                        f"prefill in {args.chunk}-query chunks")
+    table.add_column("")
+    for r in rows:
+        table.add_column(f"{r.context}", justify="right")
+
+    def line(label, fmt):
+        table.add_row(label, *(fmt(r) for r in rows))
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a == a and b == b else "-"  # nan-safe
+
+    line("prefill: SDPA causal (ms)", lambda r: f"{r.prefill_sdpa_ms:.2f}")
+    line("prefill: ours, selection incl. (ms)", lambda r: f"{r.prefill_ours_ms:.2f}")
+    line("  of which pool+score+select (ms)", lambda r: f"{r.prefill_select_ms:.2f}")
+    line("  speed-up SDPA/ours", lambda r: ratio(r.prefill_sdpa_ms, r.prefill_ours_ms))
+    line("sparse part: blocks per query tile", lambda r: f"{r.mean_blocks:.1f}")
+    line("sparse part: FlexAttention (ms)", lambda r: f"{r.sparse_flex_ms:.2f}" if r.sparse_flex_ms == r.sparse_flex_ms else "failed")
+    line("sparse part: ours (ms)", lambda r: f"{r.sparse_ours_ms:.2f}")
+    line("  speed-up flex/ours", lambda r: ratio(r.sparse_flex_ms, r.sparse_ours_ms))
+    line("  flex vs ours rel. err", lambda r: f"{r.flex_rel_err:.1e}")
+    line("decode: SDPA (us)", lambda r: f"{r.decode_sdpa_us:.1f}")
+    line("decode: ours, selection incl. (us)", lambda r: f"{r.decode_ours_us:.1f}")
+    line("  speed-up SDPA/ours", lambda r: ratio(r.decode_sdpa_us, r.decode_ours_us))
+    line("decode, CUDA graph, L2 warm: SDPA (us)", lambda r: f"{r.decode_sdpa_graph_us:.1f}")
+    line("decode, CUDA graph, L2 warm: ours (us)", lambda r: f"{r.decode_ours_graph_us:.1f}")
+    line("  speed-up SDPA/ours", lambda r: ratio(r.decode_sdpa_graph_us, r.decode_ours_graph_us))
+    line("summaries / K cache per layer (MB)", lambda r: f"{r.summary_bytes / 2**20:.1f} / {r.k_bytes / 2**20:.0f}")
+    line("  summaries/K", lambda r: f"{100 * r.summary_bytes / r.k_bytes:.2f}%")
+    line("prefill loop peak extra memory (MB)", lambda r: f"{r.prefill_peak_bytes / 2**20:.0f}")
+    Console(width=max(100, 40 + 14 * len(rows))).print(table)
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        print("infer: warning: the input is not valid UTF-8; invalid bytes were replaced", file=sys.stderr)
+        return data.decode("utf-8", errors="replace")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infer", description="Long-context LLM inference: block-sparse attention, speculative decoding.")
+    parser.add_argument("--version", action="version", version=f"infer {version('infer')}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer one prompt, streaming the text to stdout and stats to stderr")
+    add_model_flags(gen)
+    gen.add_argument("-p", "--prompt", help="the prompt (default: read stdin)")
+    gen.add_argument("--system", help="system message (chat mode)")
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="raw", action="store_false", help="wrap the prompt in the model's chat template (default)")
+    mode.add_argument("--raw", dest="raw", action="store_true", help="feed the prompt as plain text")
+    add_sampling_flags(gen)
+    gen.set_defaults(func=cmd_generate, raw=False)
+
+    bench = sub.add_parser("bench", help="prefill/decode throughput on random weights at a real model shape")
+    bench.add_argument("--shape", default="llama3-8b", help="named shape: llama3-8b, qwen2.5-7b, minicpm4-8b, smollm2-135m")
+    bench.add_argument("-p", "--prompt-tokens", type=_int_list, default=[512], help="prefill lengths, comma-separated")
+    bench.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens decoded per tg row")
+    bench.add_argument("-d", "--depths", type=_int_list, default=[0], help="cached tokens before decoding, comma-separated")
+    bench.add_argument("--device")
+    bench.add_argument("--dtype")
+    bench.add_argument("--json", action="store_true", help="print the rows as JSON")
+    bench.add_argument("--attention", action="store_true",
+                       help="one attention layer (Llama-3-8B shape, CUDA): SDPA vs our block-sparse kernels vs FlexAttention")
+    bench.add_argument("--context", type=_int_list, default=[32768, 131072],
+                       help="--attention: context lengths, comma-separated (multiples of 64)")
+    bench.add_argument("--chunk", type=int, default=16384, help="--attention: queries per prefill chunk (default 16384)")
+    bench.add_argument("--check", action="store_true",
+                       help="--attention: first check each kernel against its torch reference; exit non-zero on failure")
+    bench.set_defaults(func=cmd_bench)
+
+    pull = sub.add_parser("pull", help="download and convert a catalogue model into weights/NAME")
+    pull.add_argument("name")
+    pull.set_defaults(func=cmd_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except InferError as e:
+        print(f"infer: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninfer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except MemoryError:
+        print("infer: error: out of memory; try a smaller --max-context", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if "out of memory" not in str(e):
+            raise
+        print("infer: error: out of GPU memory; try a smaller --max-context or a smaller model", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The one stepping loop every front end drives: prefill the new tokens, then sample, stream text and count."""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .device import default_device, parse_dtype, synchronize
+from .errors import InferError
+from .sampling import Sampler, SamplingParams, generation_defaults
+from .tokenizer import StreamDecoder, Tokenizer
+from .weights import load_model
+
+PREFILL_CHUNK = 4096  # tokens per forward pass while prefilling: bounds the activations of long prompts
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0  # tokens prefilled in this turn
+    reused_tokens: int = 0  # prompt tokens whose keys and values were already cached
+    prefill_seconds: float = 0.0
+    first_token_seconds: float = 0.0  # from the call to the first sampled token
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0  # after the first token
+    stop_reason: str = ""  # "eos", "stop string", "max tokens", "context full", "interrupted"
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
+
+    def line(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tok ({self.reused_tokens} reused) at {self.prefill_tps:.1f} tok/s | "
+            f"first token {self.first_token_seconds * 1000:.0f} ms | "
+            f"generated {self.generated_tokens} tok at {self.decode_tps:.1f} tok/s"
+        )
+
+
+class Engine:
+    """A loaded model, its tokenizer and one KV cache that persists across calls (prefix reuse between turns)."""
+
+    def __init__(self, model_dir: Path, device: str | None = None, dtype: str | None = None,
+                 max_context: int | None = None, progress: bool = True):
+        device = device or default_device()
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise InferError("--device cuda was asked for, but no CUDA GPU is available")
+        self.device = torch.device(device)
+        self.model = load_model(model_dir, self.device, parse_dtype(dtype, device), progress=progress)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        cfg = self.model.cfg
+        self.max_len = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.cache = self.model.new_cache(self.max_len)
+        self.tokens: list[int] = []  # the tokens whose keys and values the cache holds, in order
+        self.defaults = generation_defaults(model_dir)
+        self.eos_ids = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.stats = Stats()
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """The model's generation_config defaults, overridden by the given non-None values."""
+        values = {k: v for k, v in self.defaults.items() if k in SamplingParams.__dataclass_fields__}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**values)
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+        self.tokens = []
+
+    def prefill(self, tokens: list[int], on_progress=None) -> torch.Tensor:
+        """Bring the cache to hold `tokens`, reusing the longest cached prefix; returns the last position's logits [V]."""
+        if len(tokens) >= self.max_len:
+            raise InferError(f"the input has {len(tokens)} tokens; the context holds {self.max_len}. Shorten it or raise --max-context")
+        reuse = 0
+        limit = min(len(self.tokens), len(tokens) - 1)  # at least one token must run to give logits
+        while reuse < limit and self.tokens[reuse] == tokens[reuse]:
+            reuse += 1
+        self.cache.truncate(reuse)
+        self.tokens = tokens[:reuse]
+        self.stats = Stats(prompt_tokens=len(tokens) - reuse, reused_tokens=reuse)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        for begin in range(reuse, len(tokens), PREFILL_CHUNK):
+            end = min(begin + PREFILL_CHUNK, len(tokens))
+            logits = self.model(ids[begin:end], self.cache)
+            self.tokens = tokens[:end]
+            if on_progress:
+                on_progress(end - reuse, len(tokens) - reuse)
+        return logits[-1]
+
+    def generate(self, tokens: list[int], params: SamplingParams, on_progress=None) -> Iterator[str]:
+        """Stream the text of the answer to `tokens` (the whole conversation so far); self.stats tracks the turn."""
+        start = time.perf_counter()
+        logits = self.prefill(tokens, on_progress)
+        synchronize(self.device)
+        self.stats.prefill_seconds = time.perf_counter() - start
+        sampler = Sampler(params, self.device)
+        decoder = StreamDecoder(self.tokenizer)
+        text, emitted = "", 0  # the answer so far; how much of it has been yielded
+        history = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        stats = self.stats
+        stats.stop_reason = "max tokens"
+        try:
+            while stats.generated_tokens < params.max_tokens:
+                token = sampler(logits, history)
+                stats.generated_tokens += 1
+                if stats.generated_tokens == 1:
+                    stats.first_token_seconds = time.perf_counter() - start
+                    first_token_time = time.perf_counter()
+                else:
+                    stats.decode_seconds = time.perf_counter() - first_token_time
+                if token in self.eos_ids:
+                    stats.stop_reason = "eos"
+                    break
+                text += decoder.push(token)
+                end, stopped = _visible_end(text, params.stop)
+                if end > emitted:
+                    yield text[emitted:end]
+                    emitted = end
+                if stopped:
+                    stats.stop_reason = "stop string"
+                    break
+                if len(self.tokens) + 1 >= self.max_len:
+                    stats.stop_reason = "context full"
+                    break
+                if params.repetition_penalty != 1.0:
+                    history = torch.cat([history, torch.tensor([token], device=self.device)])
+                logits = self.model(torch.tensor([token], device=self.device), self.cache)[-1]
+                self.tokens.append(token)
+            if stats.stop_reason != "stop string":
+                text += decoder.flush()
+                if len(text) > emitted:
+                    yield text[emitted:]
+        except GeneratorExit:
+            stats.stop_reason = "interrupted"
+            raise
+
+
+def _visible_end(text: str, stops: list[str]) -> tuple[int, bool]:
+    """How much of `text` may be shown: up to a stop string (then True), else all but a possible stop-string prefix."""
+    for stop in stops:
+        at = text.find(stop)
+        if at >= 0:
+            return at, True
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return len(text) - hold, False

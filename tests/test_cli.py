@@ -1,0 +1,111 @@
+"""`infer` as a user runs it: output on stdout, stats on stderr, and one clear line for every kind of bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from infer.engine.config import ModelConfig
+from infer.engine.model import Transformer
+
+
+def infer(*args, stdin: bytes = b""):
+    return subprocess.run([sys.executable, "-m", "infer.cli.main", *args], input=stdin, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2, tmp_path_factory):
+    """A random two-layer model with the demo model's tokenizer and a 64-token context."""
+    folder = tmp_path_factory.mktemp("tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2 / name, folder / name)
+    config = dict(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in Transformer(ModelConfig.from_dict(config)).named_parameters()}
+    state = {("" if n == "lm_head.weight" else "model.") + n: torch.randn(s) for n, s in names.items() if n != "lm_head.weight"}
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def broken_copy(tiny, tmp_path, name="m"):
+    folder = tmp_path / name
+    shutil.copytree(tiny, folder)
+    return folder
+
+
+def assert_one_line_error(result, *words):
+    err = result.stderr.decode()
+    assert result.returncode != 0 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("infer: error:")]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), err
+
+
+def test_generate_streams_text_to_stdout_and_stats_to_stderr(smollm2):
+    result = infer("generate", str(smollm2), "-p", "What is 2+2? Answer with a number.", "--max-tokens", "12")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "4" in result.stdout.decode()
+    assert "tok/s" in result.stderr.decode() and "tok/s" not in result.stdout.decode()
+
+
+def test_prompt_from_stdin_with_invalid_utf8_is_replaced_with_a_warning(tiny):
+    result = infer("generate", str(tiny), "--raw", "--max-tokens", "3", stdin=b"hello \xff\xfe world")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "not valid UTF-8" in result.stderr.decode()
+
+
+def test_missing_folder(tmp_path):
+    assert_one_line_error(infer("generate", str(tmp_path / "nope"), "-p", "hi"), "nope")
+
+
+def test_folder_without_config(tiny, tmp_path):
+    folder = broken_copy(tiny, tmp_path)
+    (folder / "config.json").unlink()
+    assert_one_line_error(infer("generate", str(folder), "-p", "hi"), "config.json")
+
+
+def test_folder_without_weights(tiny, tmp_path):
+    folder = broken_copy(tiny, tmp_path)
+    (folder / "model.safetensors").unlink()
+    assert_one_line_error(infer("generate", str(folder), "-p", "hi"), "no model.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_weights(tiny, tmp_path, keep):
+    folder = broken_copy(tiny, tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: int(len(data) * keep)])
+    assert_one_line_error(infer("generate", str(folder), "-p", "hi"), "model.safetensors")
+
+
+def test_corrupt_weights_header(tiny, tmp_path):
+    folder = broken_copy(tiny, tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    assert_one_line_error(infer("generate", str(folder), "-p", "hi"), "model.safetensors")
+
+
+def test_tensor_with_wrong_shape(tiny, tmp_path):
+    folder = broken_copy(tiny, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    assert_one_line_error(infer("generate", str(folder), "-p", "hi"), "shape")
+
+
+def test_unknown_model_type(tiny, tmp_path):
+    folder = broken_copy(tiny, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    assert_one_line_error(infer("generate", str(folder), "-p", "hi"), "gpt_neox", "llama")
+
+
+def test_prompt_longer_than_the_context(tiny):
+    assert_one_line_error(infer("generate", str(tiny), "--raw", "-p", "word " * 200), "context")
+
+
+def test_unknown_catalogue_name():
+    assert_one_line_error(infer("pull", "no-such-model"), "no-such-model")

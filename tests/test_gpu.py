@@ -1,0 +1,221 @@
+"""The Triton kernels compiled for a CUDA GPU, in bf16, against their torch references and dense SDPA.
+
+Skipped without CUDA. Run them on their own: python -m pytest -q tests/test_gpu.py. The CPU kernel tests set
+TRITON_INTERPRET=1, which would route these through the interpreter (wrong for bf16), so they skip when it is set.
+Kernel modules are imported inside the tests, so collecting this file never decides how the kernels compile.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+B = 64  # KV block size
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 (set by the CPU kernel tests): run tests/test_gpu.py on its own")
+
+
+def randn(*shape, gen):
+    return torch.randn(*shape, generator=gen).to(DEVICE, DTYPE)
+
+
+def rel_err(x, ref):
+    x, ref = x.float(), ref.float()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def kv_cache(Hkv, L, d, gen, extra=37):
+    """k, v [Hkv, L + extra, d] whose dead tail (positions >= L) is NaN: it must never be read."""
+    k, v = randn(Hkv, L + extra, d, gen=gen), randn(Hkv, L + extra, d, gen=gen)
+    k[:, L:] = float("nan")
+    v[:, L:] = float("nan")
+    return k, v
+
+
+def random_selection(Hkv, T, q_start, q_tile, max_sel, gen):
+    """Per (kv head, tile): the diagonal block, block 0 and random other causal blocks, min(max_sel, available) or
+    one fewer, ascending, -1 padded."""
+    n_tiles = -(-T // q_tile)
+    idx = torch.full((Hkv, n_tiles, max_sel), -1, dtype=torch.int32)
+    cnt = torch.zeros(Hkv, n_tiles, dtype=torch.int32)
+    for g in range(Hkv):
+        for i in range(n_tiles):
+            n_avail = (q_start + min((i + 1) * q_tile, T) - 1) // B + 1
+            order = [n_avail - 1, 0] + torch.randperm(n_avail, generator=gen).tolist()
+            n = max(1, min(max_sel, n_avail) - int(torch.randint(0, 2, (1,), generator=gen)))
+            idx[g, i, :n] = torch.tensor(sorted(list(dict.fromkeys(order))[:n]), dtype=torch.int32)
+            cnt[g, i] = n
+    return idx.to(DEVICE), cnt.to(DEVICE)
+
+
+def all_causal_blocks(Hkv, T, q_start, q_tile):
+    n_tiles = -(-T // q_tile)
+    n_max = (q_start + T - 1) // B + 1
+    idx = torch.full((Hkv, n_tiles, n_max), -1, dtype=torch.int32)
+    cnt = torch.zeros(Hkv, n_tiles, dtype=torch.int32)
+    for i in range(n_tiles):
+        n = (q_start + min((i + 1) * q_tile, T) - 1) // B + 1
+        idx[:, i, :n] = torch.arange(n, dtype=torch.int32)
+        cnt[:, i] = n
+    return idx.to(DEVICE), cnt.to(DEVICE)
+
+
+def sdpa_causal(q, k, v, q_start):
+    """Dense causal attention of q [Hq, T, d] at q_start.. over keys 0..q_start+T-1 (bottom-right aligned)."""
+    T, L = q.shape[1], q_start + q.shape[1]
+    mask = torch.arange(L, device=q.device)[None, :] <= torch.arange(q_start, L, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q[None], k[None, :, :L], v[None, :, :L], attn_mask=mask, enable_gqa=True)[0]
+
+
+@pytest.mark.parametrize("Hkv, d, L, kernel, stride", [
+    (8, 128, 4133, 32, 16),
+    (2, 64, 777, 32, 16),
+    (4, 128, 1000, 24, 12),  # kernel not a power of two
+    (1, 64, 300, 16, 16),  # no overlap
+])
+def test_pool_keys(Hkv, d, L, kernel, stride):
+    from infer.kernels.pool_keys import num_summaries, pool_keys, reference
+
+    gen = torch.Generator().manual_seed(0)
+    k, _ = kv_cache(Hkv, L, d, gen)
+    C = num_summaries(L, kernel, stride)
+    summaries = torch.full((Hkv, C + 3, d), float("nan"), dtype=DTYPE, device=DEVICE)
+    pool_keys(k, summaries, 0, C // 2, kernel, stride)  # in two calls, as prefill chunks do
+    pool_keys(k, summaries, C // 2, C, kernel, stride)
+    got, ref = summaries[:, :C], reference(k, 0, C, kernel, stride)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, ref) < 1e-3
+    assert (got == ref).float().mean().item() > 0.99  # fp32 mean rounded once: nearly always the same bf16
+
+
+# (Hkv, G, d, q_start, T, q_tile, selection settings)
+SMALL = dict(topk=16, window=512)  # top-k has work to do at these lengths
+SCORE_CASES = [
+    (4, 1, 64, 0, 1000, 64, SMALL),  # prefill from 0, ragged, MHA
+    (2, 2, 128, 1500, 333, 64, SMALL),  # chunked prefill
+    (8, 4, 128, 7000, 1024, 64, {}),  # Llama-3-8B shape, default settings
+    (2, 8, 64, 2049, 517, 32, SMALL),  # GQA 8, several tiles
+    (1, 8, 128, 9000, 1, 16, SMALL),  # decode, summaries split over programs
+    (8, 4, 128, 30000, 1, 16, {}),  # decode, Llama-3-8B shape
+    (4, 4, 128, 5000, 4, 16, SMALL),  # speculative verification
+    (2, 2, 64, 100, 20, 16, SMALL),  # few summaries
+]
+
+
+@pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, sel", SCORE_CASES)
+def test_block_scores_and_selection(Hkv, G, d, q_start, T, q_tile, sel):
+    from infer.kernels.block_select import block_scores, reference_scores, select_blocks
+    from infer.kernels.pool_keys import num_summaries
+
+    gen = torch.Generator().manual_seed(1)
+    C = num_summaries(q_start + T)
+    q = randn(Hkv * G, T, d, gen=gen)
+    summaries = torch.full((Hkv, C + 5, d), float("nan"), dtype=DTYPE, device=DEVICE)  # past C: never read
+    summaries[:, :C] = randn(Hkv, C, d, gen=gen)
+    got = block_scores(q, summaries, q_start, q_tile=q_tile)
+    ref = reference_scores(q, summaries, q_start, q_tile=q_tile)
+    fin = ref.isfinite()
+    assert torch.equal(got.isfinite(), fin)  # the same blocks are scored
+    assert rel_err(got[fin], ref[fin]) < 1e-3
+    (gi, gc), (ri, rc) = (select_blocks(s, q_start, T, q_tile=q_tile, **sel) for s in (got, ref))
+    assert torch.equal(gc, rc)
+    n_blocks = got.shape[2]
+    gm, rm = (torch.zeros(*i.shape[:2], n_blocks + 1, dtype=torch.bool, device=DEVICE).scatter_(
+        2, torch.where(i < 0, n_blocks, i).long(), True)[..., :n_blocks] for i in (gi, ri))
+    assert ((gm & rm).sum() / rm.sum()).item() >= 0.97  # near-ties may swap a few blocks
+
+
+# (Hkv, G, d, q_start, T, q_tile, max_sel)
+ATTN_CASES = [
+    (4, 1, 64, 0, 1000, 64, 8),  # prefill from 0, ragged, MHA
+    (2, 2, 128, 777, 300, 64, 12),  # a later chunk
+    (2, 4, 128, 4096, 1024, 64, 64),
+    (1, 8, 64, 100, 129, 32, 5),  # GQA 8, small tiles
+    (8, 4, 128, 0, 2048, 64, 64),  # Llama-3-8B shape
+    (2, 8, 128, 3000, 200, 16, 20),
+]
+
+
+@pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, max_sel", ATTN_CASES)
+def test_sparse_attention(Hkv, G, d, q_start, T, q_tile, max_sel):
+    from infer.kernels.sparse_attention import reference, sparse_attention
+
+    gen = torch.Generator().manual_seed(2)
+    q = randn(Hkv * G, T, d, gen=gen)
+    k, v = kv_cache(Hkv, q_start + T, d, gen)
+    idx, cnt = random_selection(Hkv, T, q_start, q_tile, max_sel, gen)
+    out = torch.full_like(q, float("nan"))
+    sparse_attention(q, k, v, q_start, idx, cnt, q_tile=q_tile, out=out)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference(q, k, v, q_start, idx, cnt, q_tile=q_tile)) < 1e-2
+
+
+@pytest.mark.parametrize("Hkv, G, d, q_start, T", [
+    (8, 4, 128, 0, 4096),  # Llama-3-8B shape
+    (4, 1, 64, 0, 1000),
+    (2, 8, 128, 1000, 777),  # a later chunk: bottom-right causal
+    (2, 2, 64, 64, 513),
+])
+def test_sparse_attention_all_blocks_is_sdpa(Hkv, G, d, q_start, T):
+    from infer.kernels.sparse_attention import sparse_attention
+
+    gen = torch.Generator().manual_seed(3)
+    q = randn(Hkv * G, T, d, gen=gen)
+    k, v = kv_cache(Hkv, q_start + T, d, gen)
+    idx, cnt = all_causal_blocks(Hkv, T, q_start, 64)
+    out = sparse_attention(q, k, v, q_start, idx, cnt)
+    assert rel_err(out, sdpa_causal(q, k, v, q_start)) < 1e-2
+
+
+# (Hkv, G, d, L, T)
+DECODE_CASES = [
+    (8, 4, 128, 8192, 1),  # Llama-3-8B shape
+    (8, 4, 128, 65536, 1),
+    (2, 8, 64, 1000, 4),  # speculative verification
+    (4, 1, 128, 3333, 1),  # MHA, ragged
+    (2, 2, 64, 70, 8),  # two blocks
+    (1, 8, 128, 20000, 2),
+]
+
+
+@pytest.mark.parametrize("Hkv, G, d, L, T", DECODE_CASES)
+def test_sparse_decode(Hkv, G, d, L, T):
+    from infer.kernels.sparse_decode import reference, sparse_decode
+
+    gen = torch.Generator().manual_seed(4)
+    q = randn(Hkv * G, T, d, gen=gen)
+    k, v = kv_cache(Hkv, L, d, gen, extra=29)
+    idx, cnt = random_selection(Hkv, T, L - T, T, 64, gen)  # one tile
+    out = torch.full_like(q, float("nan"))
+    sparse_decode(q, k, v, L, idx, cnt, out=out)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference(q, k, v, L, idx, cnt)) < 1e-2
+
+
+@pytest.mark.parametrize("Hkv, G, d, L, T", DECODE_CASES)
+def test_sparse_decode_all_blocks_is_sdpa(Hkv, G, d, L, T):
+    from infer.kernels.sparse_decode import sparse_decode
+
+    gen = torch.Generator().manual_seed(5)
+    q = randn(Hkv * G, T, d, gen=gen)
+    k, v = kv_cache(Hkv, L, d, gen, extra=29)
+    idx, cnt = all_causal_blocks(Hkv, T, L - T, T)
+    out = sparse_decode(q, k, v, L, idx, cnt)
+    assert rel_err(out, sdpa_causal(q, k, v, L - T)) < 1e-2
+
+
+def test_bench_attention_checks():
+    """The checks of `infer bench --attention --check` pass (top-k has work to do at L = 4096 with this config)."""
+    from infer.engine.bench import attention_checks
+    from infer.engine.config import SparseConfig
+
+    results = attention_checks(L=4096, dtype=DTYPE, device=DEVICE, s=SparseConfig(topk=16, window_size=512))
+    assert all(r.passed for r in results), [(r.name, r.detail) for r in results if not r.passed]
