@@ -12,6 +12,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--max-context", type=int, help="tokens the KV cache holds (default: the model's context)")
+    g = p.add_argument_group("block-sparse attention (defaults: the model's sparse_config, else MiniCPM4's)")
+    g.add_argument("--sparse", choices=("auto", "on", "off"),
+                   help="auto: dense up to --dense-len tokens, sparse past it (default); on: always sparse; off: always dense")
+    g.add_argument("--topk", type=int, help="KV blocks each query attends, sink and local window included (default 64)")
+    g.add_argument("--block-size", type=int, help="tokens per KV block (default 64)")
+    g.add_argument("--window", type=int, help="trailing tokens always attended (default 2048)")
+    g.add_argument("--dense-len", type=int, help="contexts up to this many tokens stay dense in auto mode (default 8192)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -34,8 +41,10 @@ def load_engine(args):
     from infer.engine.generate import Engine
     from infer.weights.catalogue import resolve_model
 
+    sparse = dict(mode=args.sparse, topk=args.topk, block_size=args.block_size, window_size=args.window,
+                  dense_len=args.dense_len)
     return Engine(resolve_model(args.model), device=args.device, dtype=args.dtype, max_context=args.max_context,
-                  progress=sys.stderr.isatty())
+                  sparse=sparse, progress=sys.stderr.isatty())
 
 
 def cmd_generate(args) -> None:
@@ -56,6 +65,12 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
     sys.stdout.flush()
     print(engine.stats.line(), file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    from infer.cli.chat import cmd_chat as run_chat
+
+    run_chat(args)
 
 
 def cmd_pull(args) -> None:
@@ -198,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--raw", dest="raw", action="store_true", help="feed the prompt as plain text")
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate, raw=False)
+
+    chat = sub.add_parser("chat", help="chat in the terminal; pipe a document in (or -f FILE) to ask about it")
+    add_model_flags(chat)
+    chat.add_argument("-p", "--prompt", help="ask this about the document once, print the answer and exit")
+    chat.add_argument("-f", "--file", action="append", help="a document to talk about (repeatable; instead of stdin)")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--stats-json", metavar="FILE", help="append one JSON object of stats per turn to FILE")
+    add_sampling_flags(chat)
+    chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="prefill/decode throughput on random weights at a real model shape")
     bench.add_argument("--shape", default="llama3-8b", help="named shape: llama3-8b, qwen2.5-7b, minicpm4-8b, smollm2-135m")

@@ -68,11 +68,12 @@ def sparse_attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> to
     k, v = cache.k[layer], cache.v[layer]  # [Hkv, max_len, d]
     if num_q <= DECODE_MAX_QUERIES:
         if q.is_cuda:
-            return sparse_decode.sparse_decode(q, k, v, end, block_idx, block_count, block_size=s.block_size)
+            return sparse_decode.sparse_decode(q, k, v, end, block_idx, block_count, block_size=s.block_size,
+                                               block_n=min(64, s.block_size))
         return sparse_decode.reference(q, k, v, end, block_idx, block_count, block_size=s.block_size).to(q.dtype)
     q_tile = s.block_size
     if q.is_cuda:
         return sparse_attention.sparse_attention(q, k, v, start, block_idx, block_count, q_tile=q_tile,
-                                                 block_size=s.block_size)
+                                                 block_size=s.block_size, block_n=min(64, s.block_size))
     return sparse_attention.reference(q, k, v, start, block_idx, block_count, q_tile=q_tile,
                                       block_size=s.block_size).to(q.dtype)

@@ -8,6 +8,7 @@ from pathlib import Path
 from .errors import InferError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "minicpm")
+SPARSE_MODES = ("auto", "on", "off")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
@@ -31,6 +32,24 @@ class SparseConfig:
     use_nope: bool = False  # score blocks with queries/keys before RoPE
     dense_len: int = 8192  # sequences up to this length stay dense
     mode: str = "auto"  # "auto": sparse past dense_len; "on": always sparse; "off": always dense
+
+    def __post_init__(self):
+        if self.mode not in SPARSE_MODES:
+            raise InferError(f"sparse mode {self.mode!r}: expected one of {', '.join(SPARSE_MODES)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InferError(f"sparse block size {self.block_size}: must be a power of two, at least 16")
+        if min(self.kernel_size, self.kernel_stride, self.topk, self.init_blocks + 1) < 1 or self.window_size < 0:
+            raise InferError("sparse kernel size, stride and top-k must be positive; window and init blocks not negative")
+        if self.use_nope:
+            raise InferError("sparse_config use_nope (scoring before RoPE) is not supported yet")
+
+
+def sparse_config(model_sparse: SparseConfig | None, **overrides) -> SparseConfig | None:
+    """The model's sparse_config (else the defaults) with the non-None overrides; None when the mode is "off"."""
+    values = dict(vars(model_sparse)) if model_sparse is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = SparseConfig(**values)
+    return None if cfg.mode == "off" else cfg
 
 
 @dataclass

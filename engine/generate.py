@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .attention import uses_sparse
+from .config import sparse_config
 from .device import default_device, parse_dtype, synchronize
 from .errors import InferError
 from .sampling import Sampler, SamplingParams, generation_defaults
@@ -25,6 +27,8 @@ class Stats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0  # after the first token
     stop_reason: str = ""  # "eos", "stop string", "max tokens", "context full", "interrupted"
+    attention: str = "dense"  # the attention path of the last decoded token: "dense" or "sparse"
+    kv_read: float = 1.0  # fraction of the cached keys and values the last decoded token attended
 
     @property
     def prefill_tps(self) -> float:
@@ -38,7 +42,8 @@ class Stats:
         return (
             f"prompt {self.prompt_tokens} tok ({self.reused_tokens} reused) at {self.prefill_tps:.1f} tok/s | "
             f"first token {self.first_token_seconds * 1000:.0f} ms | "
-            f"generated {self.generated_tokens} tok at {self.decode_tps:.1f} tok/s"
+            f"generated {self.generated_tokens} tok at {self.decode_tps:.1f} tok/s | "
+            f"{self.attention} attention, {100 * self.kv_read:.0f}% of KV read per token"
         )
 
 
@@ -46,7 +51,8 @@ class Engine:
     """A loaded model, its tokenizer and one KV cache that persists across calls (prefix reuse between turns)."""
 
     def __init__(self, model_dir: Path, device: str | None = None, dtype: str | None = None,
-                 max_context: int | None = None, progress: bool = True):
+                 max_context: int | None = None, sparse: dict | None = None, progress: bool = True):
+        """sparse: overrides of the model's sparse_config (mode, topk, block_size, window_size, dense_len, ...)."""
         device = device or default_device()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InferError("--device cuda was asked for, but no CUDA GPU is available")
@@ -55,7 +61,8 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         cfg = self.model.cfg
         self.max_len = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.cache = self.model.new_cache(self.max_len)
+        self.sparse = sparse_config(cfg.sparse, **(sparse or {}))  # None: dense attention only
+        self.cache = self.model.new_cache(self.max_len, self.sparse)
         self.tokens: list[int] = []  # the tokens whose keys and values the cache holds, in order
         self.defaults = generation_defaults(model_dir)
         self.eos_ids = set(cfg.eos_token_ids)
@@ -139,6 +146,16 @@ class Engine:
         except GeneratorExit:
             stats.stop_reason = "interrupted"
             raise
+        finally:
+            self._note_attention()
+
+    def _note_attention(self) -> None:
+        """Record in the stats which attention path the latest position took and how much of the cache it read."""
+        end = len(self.tokens)
+        if end and uses_sparse(self.cache, end) and self.cache.last_selection is not None:
+            block_count, _ = self.cache.last_selection  # [Hkv, n_tiles] of the last layer's latest call
+            blocks = block_count[:, -1].float().mean().item()
+            self.stats.attention, self.stats.kv_read = "sparse", min(1.0, blocks * self.sparse.block_size / end)
 
 
 def _visible_end(text: str, stops: list[str]) -> tuple[int, bool]:

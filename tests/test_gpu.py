@@ -219,3 +219,23 @@ def test_bench_attention_checks():
 
     results = attention_checks(L=4096, dtype=DTYPE, device=DEVICE, s=SparseConfig(topk=16, window_size=512))
     assert all(r.passed for r in results), [(r.name, r.detail) for r in results if not r.passed]
+
+
+def test_demo_model_bf16_greedy_on_cuda_follows_cpu_fp32(smollm2):
+    """SmolLM2 greedy on CUDA in bf16 against the CPU fp32 run: prints the matching prefix of 64 tokens per prompt."""
+    from infer.engine.generate import Engine
+    from infer.engine.sampling import SamplingParams
+
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain why the sky is blue."]
+    engines = {"cpu": Engine(smollm2, device="cpu", progress=False), "cuda": Engine(smollm2, device="cuda", progress=False)}
+    for prompt in prompts:
+        tokens = engines["cpu"].tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        answers = {}
+        for name, engine in engines.items():
+            text = "".join(engine.generate(tokens, SamplingParams(max_tokens=64)))
+            answers[name] = engine.tokens[len(tokens):]
+            print(f"{name}: {text!r}")
+        same = next((i for i, (a, b) in enumerate(zip(answers["cpu"], answers["cuda"])) if a != b),
+                    min(map(len, answers.values())))
+        print(f"matching prefix: {same} of {len(answers['cpu'])} tokens for {prompt!r}")
+        assert same >= min(8, len(answers["cpu"]))
