@@ -73,6 +73,30 @@ class PrefillBar:
             self.progress = None
 
 
+class MarkdownView:
+    """A streaming answer in a terminal: the tail that fits the screen, live; then the whole of it as markdown."""
+
+    def __init__(self, out):
+        from rich.live import Live
+
+        self.console = Console(file=out)
+        self.live = Live(console=self.console, transient=True, refresh_per_second=15, vertical_overflow="crop")
+        self.live.start()
+
+    def update(self, text: str) -> None:
+        from rich.markdown import Markdown
+
+        tail = text.splitlines()[-max(1, self.console.height - 2):]
+        self.live.update(Markdown("\n".join(tail)))
+
+    def close(self, text: str) -> None:
+        from rich.markdown import Markdown
+
+        self.live.stop()
+        if text:
+            self.console.print(Markdown(text))
+
+
 class Chat:
     def __init__(self, engine, args, system: str | None):
         self.engine, self.args = engine, args
@@ -91,11 +115,12 @@ class Chat:
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
         self.engine.reset()
 
-    def turn(self, user_text: str, out) -> str:
+    def turn(self, user_text: str, out, markdown: bool = False) -> str:
         """Ask `user_text` after the conversation so far; stream the answer to `out`; return the stop reason.
 
-        Ctrl-C while streaming keeps the partial answer; an input that overflows the context raises InferError
-        with the conversation left as it was."""
+        markdown: show the streaming tail live and print the whole answer rendered as markdown at the end (a
+        terminal); else write the raw text as it comes (pipes). Ctrl-C while streaming keeps the partial answer;
+        an input that overflows the context raises InferError with the conversation left as it was."""
         from infer.cli.main import sampling_overrides
 
         if self.params is None:
@@ -103,14 +128,18 @@ class Chat:
         self.messages.append({"role": "user", "content": user_text})
         tokens = self.engine.tokenizer.encode_chat(self.messages)
         bar = PrefillBar(sys.stderr.isatty())
+        view = MarkdownView(out) if markdown else None
         pieces: list[str] = []
         stream = self.engine.generate(tokens, self.params, on_progress=bar)
         try:
             for piece in stream:
                 bar.close()
                 pieces.append(piece)
-                out.write(piece)
-                out.flush()
+                if view:
+                    view.update("".join(pieces))
+                else:
+                    out.write(piece)
+                    out.flush()
         except KeyboardInterrupt:
             stream.close()
             self.engine.stats.stop_reason = "interrupted"
@@ -119,9 +148,12 @@ class Chat:
             raise
         finally:
             bar.close()
+            if view:
+                view.close("".join(pieces))
         answer = "".join(pieces)
-        out.write("\n")
-        out.flush()
+        if not view:
+            out.write("\n")
+            out.flush()
         stats = self.engine.stats
         if stats.stop_reason == "interrupted" and not answer:
             self.messages.pop()  # nothing to keep: as if the question was never asked
@@ -208,7 +240,7 @@ class Chat:
                 continue
             user_text = document + "\n\n" + text if document is not None else text
             try:
-                reason = self.turn(user_text, out)
+                reason = self.turn(user_text, out, markdown=out.isatty())
             except InferError as e:
                 self.err.print(f"{e}\nThe conversation is too long for the context: /reset to start over "
                                f"(or restart with a larger --max-context).", soft_wrap=True, markup=False)
