@@ -52,9 +52,9 @@ def select(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> tuple[tor
     shape = dict(kernel=s.kernel_size, stride=s.kernel_stride, block_size=s.block_size, q_tile=q_tile)
     summaries = cache.summaries[layer]  # [Hkv, C, d]
     if q.is_cuda:
-        scores = block_select.block_scores(q, summaries, start, **shape)
-    else:
-        scores = block_select.reference_scores(q, summaries, start, **shape)
+        return block_select.block_select(q, summaries, start, **shape, topk=s.topk, init_blocks=s.init_blocks,
+                                         window=s.window_size)
+    scores = block_select.reference_scores(q, summaries, start, **shape)
     return block_select.select_blocks(scores, start, q.shape[1], s.block_size, q_tile, s.topk, s.init_blocks,
                                       s.window_size)
 

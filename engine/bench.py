@@ -177,9 +177,8 @@ def new_summaries(k: torch.Tensor, s: SparseConfig) -> torch.Tensor:
 
 def select_chunk(q: torch.Tensor, summaries: torch.Tensor, start: int, s: SparseConfig):
     """The engine's prefill selection (q_tile = block_size) for q [Hq, T, d] at positions start..start+T-1."""
-    scores = block_select.block_scores(q, summaries, start, s.kernel_size, s.kernel_stride, s.block_size, s.block_size)
-    return block_select.select_blocks(scores, start, q.shape[1], s.block_size, s.block_size, s.topk, s.init_blocks,
-                                      s.window_size)
+    return block_select.block_select(q, summaries, start, s.kernel_size, s.kernel_stride, s.block_size, s.block_size,
+                                     s.topk, s.init_blocks, s.window_size)
 
 
 def sparse_prefill(q, k, v, summaries, out, s: SparseConfig, chunk: int, attend: bool = True) -> torch.Tensor:
@@ -207,11 +206,8 @@ def select_all(q, summaries, s: SparseConfig, chunk: int):
 
 def decode_select(q, summaries, L: int, s: SparseConfig):
     """The engine's decode selection for q [Hq, T, d] at positions L-T..L-1: one tile."""
-    T = q.shape[1]
-    scores = block_select.block_scores(q, summaries, L - T, s.kernel_size, s.kernel_stride, s.block_size,
-                                       DECODE_Q_TILE)
-    return block_select.select_blocks(scores, L - T, T, s.block_size, DECODE_Q_TILE, s.topk, s.init_blocks,
-                                      s.window_size)
+    return block_select.block_select(q, summaries, L - q.shape[1], s.kernel_size, s.kernel_stride, s.block_size,
+                                     DECODE_Q_TILE, s.topk, s.init_blocks, s.window_size)
 
 
 def sparse_decode_step(q, k, v, summaries, s: SparseConfig) -> torch.Tensor:
@@ -368,13 +364,14 @@ def attention_checks(L: int = 8192, heads: int = 32, kv_heads: int = 8, head_dim
         # block_scores vs reference_scores, and the selections they give: a prefill chunk and a decode step.
         for label, qs, q_tile in (("prefill chunk", q[:, L - T:], B), ("decode", q[:, -1:].contiguous(), DECODE_Q_TILE)):
             Tq = qs.shape[1]
-            got = block_select.block_scores(qs, summaries, L - Tq, ks, st, B, q_tile)
             ref = block_select.reference_scores(qs, summaries, L - Tq, ks, st, B, q_tile)
+            got = torch.empty_like(ref)
+            gi, gc = block_select.block_select(qs, summaries, L - Tq, ks, st, B, q_tile, s.topk, s.init_blocks,
+                                               s.window_size, scores=got)
             fin = ref.isfinite()
             same_support = torch.equal(got.isfinite(), fin)
             err = rel_err(got[fin], ref[fin]) if same_support else math.inf
-            sel_args = (L - Tq, Tq, B, q_tile, s.topk, s.init_blocks, s.window_size)
-            (gi, gc), (ri, rc) = block_select.select_blocks(got, *sel_args), block_select.select_blocks(ref, *sel_args)
+            ri, rc = block_select.select_blocks(ref, L - Tq, Tq, B, q_tile, s.topk, s.init_blocks, s.window_size)
             n_blocks = got.shape[2]
             gm, rm = selection_mask(gi, gc, n_blocks), selection_mask(ri, rc, n_blocks)
             overlap = ((gm & rm).sum() / rm.sum()).item()

@@ -60,11 +60,18 @@ def check_selection(got, ref, ref_scores, q_start, T, q_tile, block_size, init_b
                 assert all(abs(float(s[a] - s[b])) <= tol for b in ref_sel - sel), (g, i, sel, ref_sel)
 
 
-@pytest.mark.parametrize("one_split", [False, True])  # True: each program loops over all its summary chunks
+TUNINGS = {
+    "default": {},
+    "one split": dict(_TARGET_PROGRAMS=1),  # each program loops over all its summary chunks
+    "small blocks": dict(TUNING=dict(block_select_module.TUNING, lse_rows=16, col_rows=16, block_c=16)),  # t-blocks
+}
+
+
+@pytest.mark.parametrize("tuning", TUNINGS)
 @pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo", CASES)
-def test_scores_match_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, one_split, monkeypatch):
-    if one_split:
-        monkeypatch.setattr(block_select_module, "_TARGET_PROGRAMS", 1)
+def test_scores_match_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, tuning, monkeypatch):
+    for name, value in TUNINGS[tuning].items():
+        monkeypatch.setattr(block_select_module, name, value)
     q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, **{k: v for k, v in geo.items() if k != "block_size"})
     got = block_scores(q, summaries, q_start, q_tile=q_tile, **geo)
     ref = reference_scores(q, summaries, q_start, q_tile=q_tile, **geo)
@@ -79,13 +86,15 @@ def test_scores_match_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, one_s
     [(4, 100, 1), (3, 2048, 1), (2, 40, 2), (100, 64, 1)],  # topk < / > blocks, window < / > sequence
 )
 def test_select_matches_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, topk, window, init_blocks):
+    """block_select (Triton) and select_blocks (torch, on the reference scores) both agree with `reference`."""
     q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, **{k: v for k, v in geo.items() if k != "block_size"})
     block_size = geo.get("block_size", 64)
     sel = dict(q_tile=q_tile, topk=topk, window=window, init_blocks=init_blocks, **geo)
-    got = block_select(q, summaries, q_start, **sel)
     ref = reference(q, summaries, q_start, **sel)
     ref_scores = reference_scores(q, summaries, q_start, q_tile=q_tile, **geo)
-    check_selection(got, ref, ref_scores, q_start, T, q_tile, block_size, init_blocks, window)
+    for got in (block_select(q, summaries, q_start, **sel),
+                select_blocks(ref_scores, q_start, T, block_size, q_tile, topk, init_blocks, window)):
+        check_selection(got, ref, ref_scores, q_start, T, q_tile, block_size, init_blocks, window)
 
 
 @pytest.mark.parametrize("q_start, T, window", [(0, 300, 1), (700, 130, 64), (1000, 1, 2048)])

@@ -112,7 +112,7 @@ SCORE_CASES = [
 
 @pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, sel", SCORE_CASES)
 def test_block_scores_and_selection(Hkv, G, d, q_start, T, q_tile, sel):
-    from infer.kernels.block_select import block_scores, reference_scores, select_blocks
+    from infer.kernels.block_select import block_select, reference_scores, select_blocks
     from infer.kernels.pool_keys import num_summaries
 
     gen = torch.Generator().manual_seed(1)
@@ -120,12 +120,13 @@ def test_block_scores_and_selection(Hkv, G, d, q_start, T, q_tile, sel):
     q = randn(Hkv * G, T, d, gen=gen)
     summaries = torch.full((Hkv, C + 5, d), float("nan"), dtype=DTYPE, device=DEVICE)  # past C: never read
     summaries[:, :C] = randn(Hkv, C, d, gen=gen)
-    got = block_scores(q, summaries, q_start, q_tile=q_tile)
     ref = reference_scores(q, summaries, q_start, q_tile=q_tile)
+    got = torch.full_like(ref, float("nan"))
+    gi, gc = block_select(q, summaries, q_start, q_tile=q_tile, **sel, scores=got)
     fin = ref.isfinite()
-    assert torch.equal(got.isfinite(), fin)  # the same blocks are scored
+    assert not got.isnan().any() and torch.equal(got.isfinite(), fin)  # all written, the same blocks scored
     assert rel_err(got[fin], ref[fin]) < 1e-3
-    (gi, gc), (ri, rc) = (select_blocks(s, q_start, T, q_tile=q_tile, **sel) for s in (got, ref))
+    ri, rc = select_blocks(ref, q_start, T, q_tile=q_tile, **sel)
     assert torch.equal(gc, rc)
     n_blocks = got.shape[2]
     gm, rm = (torch.zeros(*i.shape[:2], n_blocks + 1, dtype=torch.bool, device=DEVICE).scatter_(
