@@ -19,6 +19,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, help="tokens per KV block (default 64)")
     g.add_argument("--window", type=int, help="trailing tokens always attended (default 2048)")
     g.add_argument("--dense-len", type=int, help="contexts up to this many tokens stay dense in auto mode (default 8192)")
+    g.add_argument("--use-nope", action="store_true", default=None,
+                   help="score the blocks with queries and keys before RoPE (default: the model's sparse_config)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -37,14 +39,17 @@ def sampling_overrides(args) -> dict:
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
-def load_engine(args):
+def sparse_overrides(args) -> dict:
+    return dict(mode=args.sparse, topk=args.topk, block_size=args.block_size, window_size=args.window,
+                dense_len=args.dense_len, use_nope=args.use_nope)
+
+
+def load_engine(args, sparse: dict | None = None):
     from infer.engine.generate import Engine
     from infer.weights.catalogue import resolve_model
 
-    sparse = dict(mode=args.sparse, topk=args.topk, block_size=args.block_size, window_size=args.window,
-                  dense_len=args.dense_len)
     return Engine(resolve_model(args.model), device=args.device, dtype=args.dtype, max_context=args.max_context,
-                  sparse=sparse, progress=sys.stderr.isatty())
+                  sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty())
 
 
 def cmd_generate(args) -> None:
@@ -180,6 +185,79 @@ def cmd_bench_attention(args) -> None:
     Console(width=max(100, 40 + 14 * len(rows))).print(table)
 
 
+def cmd_eval(args) -> None:
+    """Passkey retrieval and log-likelihood, block-sparse against dense attention (engine/eval.py)."""
+    import json
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from infer.engine import eval as quality
+    from infer.weights.catalogue import resolve_model
+
+    if args.sparse == "off":
+        raise InferError("eval compares sparse attention against dense: --sparse off leaves nothing to compare")
+    model_dir = resolve_model(args.model)
+    nll_tokens = max(args.lengths, default=0) if args.nll_tokens is None else args.nll_tokens
+    quality.check_request(model_dir, args.max_context, args.lengths, args.depths, args.answer_tokens, nll_tokens)
+    dense = load_engine(args, {"mode": "off"})
+    sparse = load_engine(args, {**sparse_overrides(args), "mode": args.sparse or "on"})
+    settings, dtype = dict(vars(sparse.sparse)), str(dense.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    say = Console(stderr=True, highlight=False, markup=False).print
+
+    def progress(r):
+        say(f"passkey {r.tokens} tok, depth {r.depth:g}: dense {r.dense!r}, sparse {r.sparse!r}")
+
+    rows = quality.run_passkey(dense, sparse, args.lengths, args.depths, args.seed, args.answer_tokens, progress)
+    if nll_tokens:
+        say(f"log-likelihood over {nll_tokens} tokens ...")
+    nll = quality.run_nll(dense, sparse, nll_tokens, args.nll_text) if nll_tokens else None
+    if args.json:
+        nan_to_none = lambda d: {k: None if v != v else v for k, v in d.items()}  # strict JSON has no NaN
+        nll_json = nan_to_none({**asdict(nll), "diff_all": nll.diff_all, "diff_long": nll.diff_long,
+                                "diff_causal": nll.diff_causal}) if nll else None
+        print(json.dumps({"model": str(model_dir), "device": _device_name(dense.device), "dtype": dtype,
+                          "sparse": settings, "seed": args.seed, "passkey": [asdict(r) for r in rows], "nll": nll_json}))
+        return
+    console = Console(width=max(130, Console().width), highlight=False)
+    console.print(f"{model_dir.name} on {_device_name(dense.device)}, {dtype}; dense: sparse mode off; sparse: "
+                  + ", ".join(f"{k} {v}" for k, v in settings.items()), markup=False, soft_wrap=True)
+    if rows:
+        table = Table(title=f"passkey retrieval (seed {args.seed}): greedy answers, dense vs sparse")
+        for column in ("tokens", "depth", "needle at", "key", "dense answer", "sparse answer", "dense ok", "sparse ok",
+                       "equal", "KV read"):
+            table.add_column(column, justify="left" if "answer" in column else "right", min_width=len(column))
+        mark = lambda ok: "yes" if ok else "NO"
+        shown = lambda text: repr(text)[1:-1]  # newlines and the like escaped: one line per row
+        for r in rows:
+            read = f"{100 * r.kv_read:.0f}%" if r.sparse_attention == "sparse" else "dense"
+            table.add_row(str(r.tokens), f"{r.depth:g}", str(r.needle_at), r.key, shown(r.dense), shown(r.sparse),
+                          mark(r.dense_correct), mark(r.sparse_correct), mark(r.equal), read)
+        console.print(table)
+        count = lambda key: f"{sum(getattr(r, key) for r in rows)}/{len(rows)}"
+        console.print(f"dense correct {count('dense_correct')}, sparse correct {count('sparse_correct')}, "
+                      f"equal answers {count('equal')}", markup=False)
+    if nll:
+        console.print(f"text: {nll.source}", markup=False, soft_wrap=True)
+        table = Table(title=f"mean NLL per token (nats) over the first {nll.tokens} tokens of the text")
+        for column in ("predictions", "count", "dense", "sparse", "sparse - dense", "top-1 agree", "sparse KV read"):
+            table.add_column(column, justify="right")
+        table.add_row("all", str(nll.tokens - 1), f"{nll.dense_all:.4f}", f"{nll.sparse_all:.4f}",
+                      f"{nll.diff_all:+.4f}", "", "")
+        if nll.long_predictions:
+            read = f"{100 * nll.kv_read_long:.0f}%" if nll.kv_read_long == nll.kv_read_long else "dense"
+            table.add_row(f"at positions >= {nll.boundary}", str(nll.long_predictions), f"{nll.dense_long:.4f}",
+                          f"{nll.sparse_long:.4f}", f"{nll.diff_long:+.4f}", f"{100 * nll.top1_agree_long:.1f}%", read)
+        if nll.causal_long:
+            table.add_row("  of which tile ends (causal)", str(nll.causal_long), f"{nll.dense_causal:.4f}",
+                          f"{nll.sparse_causal:.4f}", f"{nll.diff_causal:+.4f}", "", "")
+        console.print(table)
+        console.print("Sparse prefill shares one block selection per query tile, so a prediction's selection may "
+                      "see up to block_size - 1 later tokens; the tile-end row holds only strictly causal ones.",
+                      markup=False, soft_wrap=True)
+
+
 def _device_name(device) -> str:
     import torch
 
@@ -188,6 +266,10 @@ def _device_name(device) -> str:
 
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
 
 
 def read_stdin() -> str:
@@ -239,6 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--check", action="store_true",
                        help="--attention: first check each kernel against its torch reference; exit non-zero on failure")
     bench.set_defaults(func=cmd_bench)
+
+    ev = sub.add_parser("eval", help="quality of block-sparse attention: passkey retrieval and log-likelihood against dense",
+                        description="Runs the model twice, dense (sparse mode off) and block-sparse (the sparse flags; "
+                                    "mode 'on' unless --sparse auto), and compares greedy passkey answers and "
+                                    "per-token log-likelihoods.")
+    add_model_flags(ev)
+    ev.add_argument("--lengths", type=_int_list, default=[8192, 16384, 32000],
+                    help="passkey prompt lengths in tokens, comma-separated; each plus --answer-tokens must fit the "
+                         "context (default 8192,16384,32000; empty skips the passkey test)")
+    ev.add_argument("--depths", type=_float_list, default=[0.1, 0.5, 0.9],
+                    help="needle depths as fractions of the document, comma-separated (default 0.1,0.5,0.9)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the filler text and the keys (default 0)")
+    ev.add_argument("--answer-tokens", type=int, default=12, help="greedy tokens per answer (default 12)")
+    ev.add_argument("--nll-tokens", type=int,
+                    help="tokens of natural text scored for log-likelihood (default: the largest length; 0 skips)")
+    ev.add_argument("--nll-text", metavar="FILE", help="the text to score (default: /usr/share/common-licenses)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.set_defaults(func=cmd_eval)
 
     pull = sub.add_parser("pull", help="download and convert a catalogue model into weights/NAME")
     pull.add_argument("name")

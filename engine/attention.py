@@ -21,13 +21,14 @@ def uses_sparse(cache: KVCache, end: int) -> bool:
     return sparse is not None and (sparse.mode == "on" or (sparse.mode == "auto" and end > sparse.dense_len))
 
 
-def attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+def attend(q: torch.Tensor, cache: KVCache, layer: int, start: int, q_score: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of queries q [Hq, T, d] at positions start..start+T-1 over cached keys 0..start+T-1.
 
-    Returns [Hq, T, d]. Grouped-query heads read their shared K/V without expansion.
+    Returns [Hq, T, d]. Grouped-query heads read their shared K/V without expansion. q_score [Hq, T, d]: the
+    queries that score blocks for the sparse selection when they are not q (use_nope: the queries before RoPE).
     """
     if uses_sparse(cache, start + q.shape[1]):
-        return sparse_attend(q, cache, layer, start)
+        return sparse_attend(q, cache, layer, start, q_score)
     return dense_attend(q, cache, layer, start)
 
 
@@ -59,11 +60,12 @@ def select(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> tuple[tor
                                       s.window_size)
 
 
-def sparse_attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+def sparse_attend(q: torch.Tensor, cache: KVCache, layer: int, start: int,
+                  q_score: torch.Tensor | None = None) -> torch.Tensor:
     s = cache.sparse
     num_q = q.shape[1]
     end = start + num_q
-    block_idx, block_count = select(q, cache, layer, start)
+    block_idx, block_count = select(q if q_score is None else q_score, cache, layer, start)
     cache.last_selection = (block_count, end)
     k, v = cache.k[layer], cache.v[layer]  # [Hkv, max_len, d]
     if num_q <= DECODE_MAX_QUERIES:

@@ -40,8 +40,6 @@ class SparseConfig:
             raise InferError(f"sparse block size {self.block_size}: must be a power of two, at least 16")
         if min(self.kernel_size, self.kernel_stride, self.topk, self.init_blocks + 1) < 1 or self.window_size < 0:
             raise InferError("sparse kernel size, stride and top-k must be positive; window and init blocks not negative")
-        if self.use_nope:
-            raise InferError("sparse_config use_nope (scoring before RoPE) is not supported yet")
 
 
 def sparse_config(model_sparse: SparseConfig | None, **overrides) -> SparseConfig | None:

@@ -2,7 +2,9 @@
 
 With sparse attention on, it also keeps the pooled key summaries (InfLLM-V2): summary c is the mean of the keys
 in window [c*stride, c*stride + kernel). They are a pure function of the keys before them, so truncating the cache
-needs no bookkeeping: the first num_summaries(length) summaries stay valid.
+needs no bookkeeping: the first num_summaries(length) summaries stay valid. With use_nope the summaries pool
+the keys before RoPE: the cached (rotated) keys of each new window are rotated back first, so the cache still
+holds one copy of the keys.
 """
 
 import torch
@@ -10,17 +12,21 @@ import torch
 from infer.kernels import pool_keys
 
 from .config import SparseConfig
+from .rope import Rope, unapply_rope
 
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device,
-                 sparse: SparseConfig | None = None):
+                 sparse: SparseConfig | None = None, rope: Rope | None = None):
         self.max_len = max_len
         self.k = torch.empty(num_layers, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)  # [layers, Hkv, max_len, d]
         self.v = torch.empty_like(self.k)  # [layers, Hkv, max_len, d]
         self.length = 0  # tokens whose keys and values are stored
         self.sparse = sparse  # None: dense attention only, no summaries kept
         self.last_selection = None  # (block_count [Hkv, n_tiles], keys) of the latest sparse call, for stats
+        self.rope = rope  # the rotation of the cached keys, undone for use_nope summaries
+        if sparse is not None and sparse.use_nope and rope is None:
+            raise ValueError("use_nope summaries need the model's rope")
         if sparse is not None:
             max_summaries = max(1, pool_keys.num_summaries(max_len, sparse.kernel_size, sparse.kernel_stride))
             self.summaries = torch.empty(num_layers, num_kv_heads, max_summaries, head_dim, dtype=dtype, device=device)  # [layers, Hkv, C, d]
@@ -36,7 +42,12 @@ class KVCache:
         first, last = pool_keys.num_summaries(start, kernel, stride), pool_keys.num_summaries(end, kernel, stride)
         if last <= first:
             return
-        if k.is_cuda:
+        if self.sparse.use_nope:
+            lo, hi = first * stride, (last - 1) * stride + kernel  # the keys of the new windows
+            cos, sin = self.rope.cos_sin(torch.arange(lo, hi, device=k.device))  # [hi - lo, d]
+            keys = unapply_rope(self.k[layer, :, lo:hi], cos, sin)  # [Hkv, hi - lo, d] fp32, before RoPE
+            self.summaries[layer, :, first:last] = pool_keys.reference(keys, 0, last - first, kernel, stride)
+        elif k.is_cuda:
             pool_keys.pool_keys(self.k[layer], self.summaries[layer], first, last, kernel, stride)
         else:
             self.summaries[layer, :, first:last] = pool_keys.reference(self.k[layer], first, last, kernel, stride)

@@ -45,9 +45,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)  # [Hkv, T, d]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        q_nope = q if cache.sparse is not None and cache.sparse.use_nope else None  # scores blocks before RoPE
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.append(layer, start, k, v)
-        out = attend(q, cache, layer, start)  # [Hq, T, d]
+        out = attend(q, cache, layer, start, q_nope)  # [Hq, T, d]
         return self.o_proj(out.transpose(0, 1).reshape(num_tokens, -1))
 
 
@@ -96,7 +97,8 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_len: int, sparse: SparseConfig | None = None) -> KVCache:
         w = self.embed_tokens.weight
-        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, w.dtype, w.device, sparse)
+        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, w.dtype, w.device, sparse,
+                       self.rope)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1) -> torch.Tensor:

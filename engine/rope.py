@@ -58,6 +58,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of apply_rope (attention factor included, as cos^2 + sin^2): x [H, T, d] -> fp32 [H, T, d]."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos - rotated * sin) / (cos * cos + sin * sin)
+
+
 def _llama3(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
     factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
     old_len = p["original_max_position_embeddings"]

@@ -77,3 +77,34 @@ def test_summaries_after_rollback_equal_a_cache_that_never_saw_the_rejected_toke
     n = pool_keys.num_summaries(keep + 20, sparse.kernel_size, sparse.kernel_stride)
     assert torch.equal(cache.summaries[:, :, :n], clean.summaries[:, :, :n])
     assert torch.equal(cache.k[:, :, :keep + 20], clean.k[:, :, :keep + 20])
+
+
+def test_use_nope_summaries_pool_the_keys_before_rope():
+    model, tokens = tiny_model(), torch.randint(0, 97, (100,))
+    sparse = small_sparse(use_nope=True)
+    captured = []
+    hook = model.layers[1].self_attn.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        _, cache = run(model, tokens, sparse, [37, 1, 1, 61])  # windows completed across calls and within one
+    finally:
+        hook.remove()
+    attn = model.layers[1].self_attn
+    k = attn.k_proj(torch.cat(captured)).view(100, attn.num_kv_heads, attn.head_dim).transpose(0, 1)  # [Hkv, T, d]
+    n = pool_keys.num_summaries(100, sparse.kernel_size, sparse.kernel_stride)
+    expected = pool_keys.reference(k, 0, n, sparse.kernel_size, sparse.kernel_stride)
+    assert torch.allclose(cache.summaries[1, :, :n], expected, atol=1e-5)
+    _, rope_cache = run(model, tokens, small_sparse(), [100])
+    assert not torch.allclose(rope_cache.summaries[1, :, :n], expected, atol=1e-2)
+
+
+def test_use_nope_changes_the_selection_and_equals_dense_with_every_block_selected():
+    model, tokens = tiny_model(), torch.randint(0, 97, (200,))
+    dense, _ = run(model, tokens, None, [200])
+    for chunks in ([200], [120, 30] + [1] * 50):
+        everything, _ = run(model, tokens, small_sparse(topk=1000, use_nope=True), chunks)
+        assert torch.allclose(everything, dense, atol=1e-4, rtol=1e-4), (chunks, (everything - dense).abs().max())
+    # the attention given a selection does not depend on how it was scored: different logits = different blocks
+    rope, _ = run(model, tokens, small_sparse(), [150] + [1] * 50)
+    nope, _ = run(model, tokens, small_sparse(use_nope=True), [150] + [1] * 50)
+    assert torch.allclose(rope[:32], nope[:32], atol=1e-5)  # local window only: nothing to choose yet
+    assert not torch.allclose(rope[150:], nope[150:], atol=1e-3)
