@@ -162,7 +162,9 @@ class Chat:
         self.stats_line = stats.line() + (f" | {stats.stop_reason}" if stats.stop_reason not in ("eos", "") else "")
         self.err.print(self.stats_line, style="dim", soft_wrap=True)
         if self.args.stats_json:
-            record = {**asdict(stats), "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps}
+            record = {**asdict(stats), "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,
+                      "acceptance_rate": stats.acceptance_rate, "tokens_per_step": stats.tokens_per_step,
+                      "draft_share": stats.draft_share}
             with open(self.args.stats_json, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         return stats.stop_reason

@@ -34,6 +34,26 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (the output stays the model's own: token for token when greedy)")
+    g.add_argument("--draft", metavar="MODEL", help="a smaller model with the same tokenizer drafts tokens (folder or catalogue name)")
+    g.add_argument("--lookup", action=argparse.BooleanOptionalAction,
+                   help="draft what followed the latest earlier occurrence of the last few tokens (default: on for prompts of 1024+ tokens)")
+    g.add_argument("--fr-spec", type=int, metavar="N", help="keep only the N most frequent token ids in the draft model's LM head")
+    g.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per step, adapted to the acceptance (default 7)")
+
+
+def speculative_options(args) -> dict:
+    """Engine options from add_speculative_flags; none for commands without them."""
+    if not hasattr(args, "draft"):
+        return {}
+    from infer.engine.speculative import MAX_DRAFT
+    from infer.weights.catalogue import resolve_model
+
+    return dict(draft=resolve_model(args.draft) if args.draft else None, lookup=args.lookup, fr_spec=args.fr_spec,
+                max_draft=args.draft_tokens or MAX_DRAFT)
+
+
 def sampling_overrides(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
@@ -49,7 +69,7 @@ def load_engine(args, sparse: dict | None = None):
     from infer.weights.catalogue import resolve_model
 
     return Engine(resolve_model(args.model), device=args.device, dtype=args.dtype, max_context=args.max_context,
-                  sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty())
+                  sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty(), **speculative_options(args))
 
 
 def cmd_generate(args) -> None:
@@ -294,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--chat", dest="raw", action="store_false", help="wrap the prompt in the model's chat template (default)")
     mode.add_argument("--raw", dest="raw", action="store_true", help="feed the prompt as plain text")
     add_sampling_flags(gen)
+    add_speculative_flags(gen)
     gen.set_defaults(func=cmd_generate, raw=False)
 
     chat = sub.add_parser("chat", help="chat in the terminal; pipe a document in (or -f FILE) to ask about it")
@@ -303,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system message")
     chat.add_argument("--stats-json", metavar="FILE", help="append one JSON object of stats per turn to FILE")
     add_sampling_flags(chat)
+    add_speculative_flags(chat)
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="prefill/decode throughput on random weights at a real model shape")

@@ -12,6 +12,7 @@ from .config import sparse_config
 from .device import default_device, parse_dtype, synchronize
 from .errors import InferError
 from .sampling import Sampler, SamplingParams, generation_defaults
+from .speculative import MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, verify
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import load_model
 
@@ -29,6 +30,11 @@ class Stats:
     stop_reason: str = ""  # "eos", "stop string", "max tokens", "context full", "interrupted"
     attention: str = "dense"  # the attention path of the last decoded token: "dense" or "sparse"
     kv_read: float = 1.0  # fraction of the cached keys and values the last decoded token attended
+    speculative: str = ""  # the drafters on in this turn ("lookup", "draft", "lookup+draft"); "" when off
+    target_steps: int = 0  # target forward passes after the first token, each verifying 0..k drafts
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0  # drafts the target accepted
+    draft_seconds: float = 0.0  # time spent drafting, part of decode_seconds
 
     @property
     def prefill_tps(self) -> float:
@@ -38,12 +44,29 @@ class Stats:
     def decode_tps(self) -> float:
         return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
 
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens each target forward pass produced: the accepted drafts plus the target's own token."""
+        return (self.accepted_tokens + self.target_steps) / self.target_steps if self.target_steps else 0.0
+
+    @property
+    def draft_share(self) -> float:
+        return self.draft_seconds / self.decode_seconds if self.decode_seconds else 0.0
+
     def line(self) -> str:
+        speculative = (
+            f" | speculative ({self.speculative}): {100 * self.acceptance_rate:.0f}% of {self.drafted_tokens} drafted "
+            f"accepted, {self.tokens_per_step:.2f} tok/step, {100 * self.draft_share:.0f}% of decode drafting"
+        ) if self.speculative else ""
         return (
             f"prompt {self.prompt_tokens} tok ({self.reused_tokens} reused) at {self.prefill_tps:.1f} tok/s | "
             f"first token {self.first_token_seconds * 1000:.0f} ms | "
             f"generated {self.generated_tokens} tok at {self.decode_tps:.1f} tok/s | "
-            f"{self.attention} attention, {100 * self.kv_read:.0f}% of KV read per token"
+            f"{self.attention} attention, {100 * self.kv_read:.0f}% of KV read per token{speculative}"
         )
 
 
@@ -51,13 +74,18 @@ class Engine:
     """A loaded model, its tokenizer and one KV cache that persists across calls (prefix reuse between turns)."""
 
     def __init__(self, model_dir: Path, device: str | None = None, dtype: str | None = None,
-                 max_context: int | None = None, sparse: dict | None = None, progress: bool = True):
-        """sparse: overrides of the model's sparse_config (mode, topk, block_size, window_size, dense_len, ...)."""
+                 max_context: int | None = None, sparse: dict | None = None, progress: bool = True,
+                 draft: Path | None = None, lookup: bool | None = None, fr_spec: int | None = None,
+                 max_draft: int = MAX_DRAFT):
+        """sparse: overrides of the model's sparse_config (mode, topk, block_size, window_size, dense_len, ...).
+        draft, lookup, fr_spec, max_draft: speculative decoding, see speculative.SpeculativeConfig."""
+        speculative = SpeculativeConfig(draft, lookup, fr_spec, max_draft)
         device = device or default_device()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InferError("--device cuda was asked for, but no CUDA GPU is available")
         self.device = torch.device(device)
-        self.model = load_model(model_dir, self.device, parse_dtype(dtype, device), progress=progress)
+        dtype = parse_dtype(dtype, device)
+        self.model = load_model(model_dir, self.device, dtype, progress=progress)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         cfg = self.model.cfg
         self.max_len = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -69,6 +97,11 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.stats = Stats()
+        self.speculator = None
+        if speculative.enabled:
+            drafter = DraftModel(draft, self.tokenizer, cfg.vocab_size, self.device, dtype, self.max_len, PREFILL_CHUNK,
+                                 progress) if draft is not None else None
+            self.speculator = Speculator(speculative, drafter, self.eos_ids)
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """The model's generation_config defaults, overridden by the given non-None values."""
@@ -112,9 +145,13 @@ class Engine:
         history = torch.tensor(tokens, dtype=torch.long, device=self.device)
         stats = self.stats
         stats.stop_reason = "max tokens"
+        if self.speculator is not None:
+            stats.speculative = self.speculator.begin(tokens)
+        queue = [sampler(logits, history)]  # the next tokens, decided; all but the last are already cached
+        done = len(tokens)  # the prompt and the answer tokens that passed every check
         try:
             while stats.generated_tokens < params.max_tokens:
-                token = sampler(logits, history)
+                token = queue.pop(0)
                 stats.generated_tokens += 1
                 if stats.generated_tokens == 1:
                     stats.first_token_seconds = time.perf_counter() - start
@@ -132,13 +169,14 @@ class Engine:
                 if stopped:
                     stats.stop_reason = "stop string"
                     break
-                if len(self.tokens) + 1 >= self.max_len:
+                if done + 1 >= self.max_len:
                     stats.stop_reason = "context full"
                     break
                 if params.repetition_penalty != 1.0:
                     history = torch.cat([history, torch.tensor([token], device=self.device)])
-                logits = self.model(torch.tensor([token], device=self.device), self.cache)[-1]
-                self.tokens.append(token)
+                done += 1
+                if not queue:
+                    queue = self._advance(token, sampler, history)
             if stats.stop_reason != "stop string":
                 text += decoder.flush()
                 if len(text) > emitted:
@@ -147,7 +185,29 @@ class Engine:
             stats.stop_reason = "interrupted"
             raise
         finally:
+            del self.tokens[done:]  # accepted drafts the answer did not reach
+            self.cache.truncate(len(self.tokens))
             self._note_attention()
+
+    def _advance(self, token: int, sampler: Sampler, history: torch.Tensor) -> list[int]:
+        """Feed `token` with any drafts to follow it in one forward pass; return the drafts the target accepted
+        (now cached after `token`) and the token after them (not cached yet)."""
+        drafts, q = [], None
+        if self.stats.speculative:  # drafters on in this turn
+            start = time.perf_counter()
+            drafts, q = self.speculator.propose(self.tokens + [token], self.max_len - 2 - len(self.tokens), sampler)
+            self.stats.draft_seconds += time.perf_counter() - start
+        ids = torch.tensor([token] + drafts, device=self.device)
+        logits = self.model(ids, self.cache, num_logits=len(ids))  # [k+1, V]
+        accepted, following = verify(logits, drafts, q, sampler, history)
+        self.cache.truncate(len(self.tokens) + 1 + accepted)  # roll back the rejected drafts
+        self.tokens += [token] + drafts[:accepted]
+        if drafts:
+            self.speculator.update(len(drafts), accepted)
+        self.stats.target_steps += 1
+        self.stats.drafted_tokens += len(drafts)
+        self.stats.accepted_tokens += accepted
+        return drafts[:accepted] + [following]
 
     def _note_attention(self) -> None:
         """Record in the stats which attention path the latest position took and how much of the cache it read."""
