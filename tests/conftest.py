@@ -1,6 +1,29 @@
-import pytest
+import json
+import shutil
+from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from infer.engine.config import ModelConfig
+from infer.engine.model import Transformer
 from infer.weights.catalogue import pull
+
+
+def random_model_folder(folder: Path, tokenizer_from: Path, **config) -> Path:
+    """A Hugging Face folder with random weights for `config` and the tokenizer files of a real model folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tokenizer_from / name, folder / name)
+    (folder / "config.json").write_text(json.dumps(config))
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in Transformer(ModelConfig.from_dict(config)).named_parameters()}
+    tied = config.get("tie_word_embeddings", False)
+    state = {("" if n == "lm_head.weight" else "model.") + n: torch.randn(s) for n, s in shapes.items()
+             if not (tied and n == "lm_head.weight")}
+    save_file(state, folder / "model.safetensors")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from conftest import random_model_folder
 
-from infer.engine.config import ModelConfig
-from infer.engine.model import Transformer
 
 
 def infer(*args, stdin: bytes = b""):
@@ -20,17 +17,9 @@ def infer(*args, stdin: bytes = b""):
 @pytest.fixture(scope="module")
 def tiny(smollm2, tmp_path_factory):
     """A random two-layer model with the demo model's tokenizer and a 64-token context."""
-    folder = tmp_path_factory.mktemp("tiny")
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(smollm2 / name, folder / name)
-    config = dict(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    with torch.device("meta"):
-        names = {n: p.shape for n, p in Transformer(ModelConfig.from_dict(config)).named_parameters()}
-    state = {("" if n == "lm_head.weight" else "model.") + n: torch.randn(s) for n, s in names.items() if n != "lm_head.weight"}
-    save_file(state, folder / "model.safetensors")
-    return folder
+    return random_model_folder(tmp_path_factory.mktemp("tiny"), smollm2, model_type="llama", vocab_size=49152,
+                               hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
 
 
 def broken_copy(tiny, tmp_path, name="m"):

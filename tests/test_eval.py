@@ -4,17 +4,13 @@ The long runs (8K-32K tokens) are for the GPU: `infer eval qwen2.5-coder-0.5b-in
 """
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from conftest import random_model_folder
 
 from infer.engine import eval as quality
-from infer.engine.config import ModelConfig
-from infer.engine.model import Transformer
 from infer.engine.generate import Engine
 from infer.engine.tokenizer import Tokenizer
 
@@ -73,16 +69,9 @@ def infer(*args):
 @pytest.fixture(scope="module")
 def tiny(qwen, tmp_path_factory):
     """A random two-layer qwen2 model with the demo model's tokenizer and chat template: the CLI runs in seconds."""
-    folder = tmp_path_factory.mktemp("tiny-qwen")
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(qwen / name, folder / name)
-    config = dict(model_type="qwen2", vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    with torch.device("meta"):
-        names = {n: p.shape for n, p in Transformer(ModelConfig.from_dict(config)).named_parameters()}
-    save_file({"model." + n: torch.randn(s) for n, s in names.items() if n != "lm_head.weight"}, folder / "model.safetensors")
-    return folder
+    return random_model_folder(tmp_path_factory.mktemp("tiny-qwen"), qwen, model_type="qwen2", vocab_size=151936,
+                               hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
 
 
 def test_cli_eval_json(tiny):

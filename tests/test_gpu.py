@@ -70,7 +70,7 @@ def all_causal_blocks(Hkv, T, q_start, q_tile):
 
 def sdpa_causal(q, k, v, q_start):
     """Dense causal attention of q [Hq, T, d] at q_start.. over keys 0..q_start+T-1 (bottom-right aligned)."""
-    T, L = q.shape[1], q_start + q.shape[1]
+    L = q_start + q.shape[1]
     mask = torch.arange(L, device=q.device)[None, :] <= torch.arange(q_start, L, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q[None], k[None, :, :L], v[None, :, :L], attn_mask=mask, enable_gqa=True)[0]
 

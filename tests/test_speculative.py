@@ -89,7 +89,8 @@ def test_turns_prefix_reuse_and_interruption_keep_the_cache_equal_to_the_tokens(
         answer = "".join(e.generate(tokens, params))
         assert answer == "".join(plain.generate(tokens, params))
         assert e.tokens == plain.tokens and e.stats.reused_tokens == plain.stats.reused_tokens
-        first_answer = first_answer if turn else answer
+        if turn == 0:
+            first_answer = answer
         messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And three more?"}]
     assert e.stats.reused_tokens > 0
     stream = e.generate(e.tokenizer.encode_chat(messages), SamplingParams(max_tokens=40))
