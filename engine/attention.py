@@ -27,7 +27,13 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, start: int, q_score: tor
     Returns [Hq, T, d]. Grouped-query heads read their shared K/V without expansion. q_score [Hq, T, d]: the
     queries that score blocks for the sparse selection when they are not q (use_nope: the queries before RoPE).
     """
-    if uses_sparse(cache, start + q.shape[1]):
+    num_q = q.shape[1]
+    if 1 < num_q <= DECODE_MAX_QUERIES and uses_sparse(cache, start + num_q):
+        # Drafts under verification: each query takes the path and the blocks it would take decoded alone, so
+        # speculative decoding stays lossless with sparse attention.
+        return torch.cat([attend(q[:, i:i + 1], cache, layer, start + i, None if q_score is None else q_score[:, i:i + 1])
+                          for i in range(num_q)], 1)
+    if uses_sparse(cache, start + num_q):
         return sparse_attend(q, cache, layer, start, q_score)
     return dense_attend(q, cache, layer, start)
 

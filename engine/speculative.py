@@ -6,10 +6,9 @@ the target's tokenizer, optionally with FR-Spec's pruned LM head). The target sc
 through its own KV cache and attention path; `verify` keeps the prefix it agrees with and the cache is truncated
 past it (key summaries are a pure function of the keys, so truncation is the whole rollback).
 
-A verification pass gives the logits one-token steps would give up to float rounding, and under sparse attention up
-to the block selection: its k+1 queries share one selection per KV head (one tile in attention.select: the forced
-blocks of the whole tile, the top-k by the tile's best score). Greedy output therefore equals plain greedy output
-unless these differences change a greedy choice (the tests check it on the demo models, dense and sparse).
+A verification pass gives the logits one-token steps would give, up to float rounding: under sparse attention each
+of its k+1 queries selects its own blocks, as it would decoded alone (attention.attend), so greedy output equals
+plain greedy output with sparse attention on and off.
 """
 
 from collections import Counter

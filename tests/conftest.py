@@ -3,16 +3,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from infer.engine.config import ModelConfig
-from infer.engine.model import Transformer
 from infer.weights.catalogue import pull
 
 
 def random_model_folder(folder: Path, tokenizer_from: Path, **config) -> Path:
     """A Hugging Face folder with random weights for `config` and the tokenizer files of a real model folder."""
+    import torch  # imported here: the CPU kernel tests set TRITON_INTERPRET before the kernels are first imported
+    from safetensors.torch import save_file
+
+    from infer.engine.config import ModelConfig
+    from infer.engine.model import Transformer
+
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(tokenizer_from / name, folder / name)

@@ -54,6 +54,17 @@ def test_sparse_selection_changes_long_range_attention_only():
     assert keys == 200 and int(block_count.max()) <= 4 + 2  # topk, plus forced blocks past it
 
 
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_verifying_several_tokens_equals_decoding_them_one_by_one(mode):
+    """Speculative verification feeds up to 8 tokens at once: each must get the blocks (and, across dense_len in auto
+    mode, the path) it gets decoded alone."""
+    model, tokens = tiny_model(), torch.randint(0, 97, (200,))
+    sparse = small_sparse(mode=mode, dense_len=180)
+    one_by_one, _ = run(model, tokens, sparse, [176] + [1] * 24)
+    batched, _ = run(model, tokens, sparse, [176, 8, 5, 3, 8])
+    assert torch.allclose(batched[176:], one_by_one[176:], atol=1e-5, rtol=1e-5)
+
+
 def test_auto_mode_is_dense_up_to_dense_len():
     model, tokens = tiny_model(), torch.randint(0, 97, (100,))
     dense, _ = run(model, tokens, None, [64] + [1] * 36)
