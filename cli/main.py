@@ -168,8 +168,7 @@ def cmd_bench_attention(args) -> None:
         print(f"measuring one attention layer at {n} tokens ...", file=sys.stderr, flush=True)
         rows.append(bench.attention_row(n, chunk=args.chunk, dtype=dtype, device=device))
     if args.json:
-        nan_to_none = lambda d: {k: None if v != v else v for k, v in d.items()}  # strict JSON has no NaN
-        print(json.dumps({"checks": [asdict(c) for c in checks], "rows": [nan_to_none(asdict(r)) for r in rows]}))
+        print(json.dumps({"checks": [asdict(c) for c in checks], "rows": [_nan_to_none(asdict(r)) for r in rows]}))
         return
     table = Table(title=f"one attention layer, Hq 32, Hkv 8, d 128, {dtype}, random q/k/v, {_device_name(device)}; "
                         f"sparse: kernel 32, stride 16, block 64, top-k 64, init 1, window 2048; "
@@ -234,8 +233,7 @@ def cmd_eval(args) -> None:
         say(f"log-likelihood over {nll_tokens} tokens ...")
     nll = quality.run_nll(dense, sparse, nll_tokens, args.nll_text) if nll_tokens else None
     if args.json:
-        nan_to_none = lambda d: {k: None if v != v else v for k, v in d.items()}  # strict JSON has no NaN
-        nll_json = nan_to_none({**asdict(nll), "diff_all": nll.diff_all, "diff_long": nll.diff_long,
+        nll_json = _nan_to_none({**asdict(nll), "diff_all": nll.diff_all, "diff_long": nll.diff_long,
                                 "diff_causal": nll.diff_causal}) if nll else None
         print(json.dumps({"model": str(model_dir), "device": _device_name(dense.device), "dtype": dtype,
                           "sparse": settings, "seed": args.seed, "passkey": [asdict(r) for r in rows], "nll": nll_json}))
@@ -282,6 +280,10 @@ def _device_name(device) -> str:
     import torch
 
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _nan_to_none(d: dict) -> dict:
+    return {k: None if v != v else v for k, v in d.items()}  # strict JSON has no NaN
 
 
 def _int_list(text: str) -> list[int]:

@@ -21,6 +21,16 @@ def uses_sparse(cache: KVCache, end: int) -> bool:
     return sparse is not None and (sparse.mode == "on" or (sparse.mode == "auto" and end > sparse.dense_len))
 
 
+def latest_read(cache: KVCache, end: int) -> tuple[str, float]:
+    """The attention path ("dense" or "sparse") of the latest query, at position end - 1, and the share of the
+    cached keys it read (in the last layer's latest call)."""
+    if end and uses_sparse(cache, end) and cache.last_selection is not None:
+        block_count, _ = cache.last_selection  # [Hkv, n_tiles]
+        blocks = block_count[:, -1].float().mean().item()
+        return "sparse", min(1.0, blocks * cache.sparse.block_size / end)
+    return "dense", 1.0
+
+
 def attend(q: torch.Tensor, cache: KVCache, layer: int, start: int, q_score: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of queries q [Hq, T, d] at positions start..start+T-1 over cached keys 0..start+T-1.
 
@@ -28,14 +38,14 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, start: int, q_score: tor
     queries that score blocks for the sparse selection when they are not q (use_nope: the queries before RoPE).
     """
     num_q = q.shape[1]
-    if 1 < num_q <= DECODE_MAX_QUERIES and uses_sparse(cache, start + num_q):
+    if not uses_sparse(cache, start + num_q):
+        return dense_attend(q, cache, layer, start)
+    if 1 < num_q <= DECODE_MAX_QUERIES:
         # Drafts under verification: each query takes the path and the blocks it would take decoded alone, so
         # speculative decoding stays lossless with sparse attention.
         return torch.cat([attend(q[:, i:i + 1], cache, layer, start + i, None if q_score is None else q_score[:, i:i + 1])
                           for i in range(num_q)], 1)
-    if uses_sparse(cache, start + num_q):
-        return sparse_attend(q, cache, layer, start, q_score)
-    return dense_attend(q, cache, layer, start)
+    return sparse_attend(q, cache, layer, start, q_score)
 
 
 def dense_attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import DECODE_MAX_QUERIES, uses_sparse
+from .attention import DECODE_MAX_QUERIES, latest_read, uses_sparse
 from .config import ModelConfig
 from .errors import InferError
 from .generate import Engine
@@ -168,11 +168,7 @@ def answer(engine: Engine, tokens: list[int], max_tokens: int = ANSWER_TOKENS) -
             if len(out) == max_tokens or len(tokens) + len(out) >= engine.max_len:
                 break
             logits = engine.model(torch.tensor([token], device=engine.device), engine.cache)[-1]
-        path, read = "dense", 1.0
-        end, selection = engine.cache.length, engine.cache.last_selection
-        if uses_sparse(engine.cache, end) and selection is not None:  # the last layer's latest call
-            blocks = selection[0][:, -1].float().mean().item()
-            path, read = "sparse", min(1.0, blocks * engine.sparse.block_size / end)
+        path, read = latest_read(engine.cache, engine.cache.length)
     finally:
         engine.cache.truncate(len(engine.tokens))  # the engine holds the prompt again: prefix reuse stays valid
     return engine.tokenizer.decode(out, skip_special_tokens=True).strip(), path, read

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from .attention import uses_sparse
+from .attention import latest_read
 from .config import sparse_config
 from .device import default_device, parse_dtype, synchronize
 from .errors import InferError
 from .sampling import Sampler, SamplingParams, generation_defaults
 from .speculative import MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, verify
 from .tokenizer import StreamDecoder, Tokenizer
+from .model import prefill, reusable_prefix
 from .weights import load_model
 
 PREFILL_CHUNK = 4096  # tokens per forward pass while prefilling: bounds the activations of long prompts
@@ -117,20 +118,9 @@ class Engine:
         """Bring the cache to hold `tokens`, reusing the longest cached prefix; returns the last position's logits [V]."""
         if len(tokens) >= self.max_len:
             raise InferError(f"the input has {len(tokens)} tokens; the context holds {self.max_len}. Shorten it or raise --max-context")
-        reuse = 0
-        limit = min(len(self.tokens), len(tokens) - 1)  # at least one token must run to give logits
-        while reuse < limit and self.tokens[reuse] == tokens[reuse]:
-            reuse += 1
-        self.cache.truncate(reuse)
-        self.tokens = tokens[:reuse]
+        reuse = reusable_prefix(self.tokens, tokens)
         self.stats = Stats(prompt_tokens=len(tokens) - reuse, reused_tokens=reuse)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        for begin in range(reuse, len(tokens), PREFILL_CHUNK):
-            end = min(begin + PREFILL_CHUNK, len(tokens))
-            logits = self.model(ids[begin:end], self.cache)
-            self.tokens = tokens[:end]
-            if on_progress:
-                on_progress(end - reuse, len(tokens) - reuse)
+        logits = prefill(self.model, self.cache, self.tokens, tokens, reuse, PREFILL_CHUNK, on_progress)
         return logits[-1]
 
     def generate(self, tokens: list[int], params: SamplingParams, on_progress=None) -> Iterator[str]:
@@ -187,7 +177,7 @@ class Engine:
         finally:
             del self.tokens[done:]  # accepted drafts the answer did not reach
             self.cache.truncate(len(self.tokens))
-            self._note_attention()
+            self.stats.attention, self.stats.kv_read = latest_read(self.cache, len(self.tokens))
 
     def _advance(self, token: int, sampler: Sampler, history: torch.Tensor) -> list[int]:
         """Feed `token` with any drafts to follow it in one forward pass; return the drafts the target accepted
@@ -208,14 +198,6 @@ class Engine:
         self.stats.drafted_tokens += len(drafts)
         self.stats.accepted_tokens += accepted
         return drafts[:accepted] + [following]
-
-    def _note_attention(self) -> None:
-        """Record in the stats which attention path the latest position took and how much of the cache it read."""
-        end = len(self.tokens)
-        if end and uses_sparse(self.cache, end) and self.cache.last_selection is not None:
-            block_count, _ = self.cache.last_selection  # [Hkv, n_tiles] of the last layer's latest call
-            blocks = block_count[:, -1].float().mean().item()
-            self.stats.attention, self.stats.kv_read = "sparse", min(1.0, blocks * self.sparse.block_size / end)
 
 
 def _visible_end(text: str, stops: list[str]) -> tuple[int, bool]:

@@ -112,3 +112,30 @@ class Transformer(nn.Module):
         cache.length = start + tokens.shape[0]
         x = self.norm(x[-num_logits:]) * self.cfg.logit_scale
         return self.lm_head(x).float()
+
+
+def reusable_prefix(cached: list[int], tokens: list[int]) -> int:
+    """How many leading positions of a cache that holds `cached` serve `tokens`: their common prefix, but never all
+    of `tokens` (at least one token must run to give logits)."""
+    n = min(len(cached), len(tokens) - 1)
+    if cached[:n] == tokens[:n]:  # the usual case, compared at C speed
+        return n
+    return next(i for i in range(n) if cached[i] != tokens[i])
+
+
+def prefill(model: Transformer, cache: KVCache, cached: list[int], tokens: list[int], keep: int, chunk: int,
+            on_progress=None) -> torch.Tensor:
+    """Bring `cache`, which holds the keys and values of `cached`, to hold those of `tokens`: keep its first `keep`
+    positions (see reusable_prefix) and run the rest in chunks of `chunk` tokens, which bounds the activations of a
+    long prompt. `cached` is updated in place after each chunk, so it names what the cache holds even when
+    interrupted. on_progress(done, total) follows the chunks. Returns the last position's logits [1, V]."""
+    cache.truncate(keep)
+    del cached[keep:]
+    ids = torch.tensor(tokens, dtype=torch.long, device=cache.k.device)  # [len(tokens)]
+    for begin in range(keep, len(tokens), chunk):
+        end = min(begin + chunk, len(tokens))
+        logits = model(ids[begin:end], cache)
+        cached += tokens[begin:end]
+        if on_progress:
+            on_progress(end - keep, len(tokens) - keep)
+    return logits

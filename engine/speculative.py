@@ -20,6 +20,7 @@ import torch
 from .errors import InferError
 from .sampling import Sampler, apply_repetition_penalty, probabilities
 from .tokenizer import Tokenizer
+from .model import prefill, reusable_prefix
 from .weights import load_model
 
 MAX_DRAFT = 7  # drafted tokens per step: k + 1 = 8 verified queries, the most attention's decode path takes at once
@@ -107,13 +108,6 @@ def check_same_vocabulary(draft: Tokenizer, target: Tokenizer, name: str) -> Non
                              f"target's is {target.id_to_token(i)!r}): a draft model must share the target's tokenizer")
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:  # the usual case, compared at C speed
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
-
-
 class DraftModel:
     """A smaller model with the target's tokenizer and its own dense KV cache, drafting k tokens autoregressively."""
 
@@ -148,7 +142,8 @@ class DraftModel:
         k = min(k, self.cache.max_len + 1 - len(context))
         if k < 1:
             return [], None
-        logits = self._catch_up(context)  # [1, N]
+        logits = prefill(self.model, self.cache, self.tokens, context, reusable_prefix(self.tokens, context),
+                         self.chunk)  # [1, N]
         drafts, probs = [], []
         for i in range(k):
             if i:
@@ -162,18 +157,6 @@ class DraftModel:
                 probs.append(self._scatter(q))
             drafts.append(choice if self.ids is None else int(self.ids[choice]))
         return drafts, torch.stack(probs) if probs else None
-
-    def _catch_up(self, context: list[int]) -> torch.Tensor:
-        """Bring the draft cache to hold `context` (reusing the common prefix); the last position's logits [1, N]."""
-        reuse = common_prefix(self.tokens, context[:-1])  # at least one token must run to give logits
-        self.cache.truncate(reuse)
-        self.tokens = context[:reuse]
-        ids = torch.tensor(context, dtype=torch.long, device=self.device)
-        for begin in range(reuse, len(context), self.chunk):
-            end = min(begin + self.chunk, len(context))
-            logits = self.model(ids[begin:end], self.cache)
-            self.tokens = context[:end]
-        return logits
 
     def _scatter(self, q: torch.Tensor) -> torch.Tensor:
         """Probabilities over the kept ids [N] as a distribution over the target's vocabulary [V_target]."""
