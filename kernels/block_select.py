@@ -13,7 +13,8 @@ block_count [Hkv, n_tiles], both int32.
 
 GPU (block_select), three launches and no host sync: pass 1 computes each (head, query) row's log-sum-exp over
 its visible summaries (split over programs when there are few rows, as in decode); pass 2 recomputes the logits
-and writes, per (kv head, t-block of queries, summary), the probabilities summed over the group's heads and maxed
+(up to DECODE_LOGITS_MAX_T queries, as in decode, pass 1 stores them and pass 2 reads them back instead) and
+writes, per (kv head, t-block of queries, summary), the probabilities summed over the group's heads and maxed
 over the queries; pass 3, one program per (kv head, tile), max-pools those to blocks, forces the sink and window
 blocks (+inf) and keeps the top ones by a radix select on the float bits (ties: lowest block first). On CPU the
 engine uses reference_scores and select_blocks, the same selection in plain torch.
@@ -94,9 +95,12 @@ def reference(
     return block_idx, block_count
 
 
-# Tuning of the GPU pipeline (H100): rows (head, query pairs) per program of pass 1 / pass 2, summaries per step,
-# warps and pipeline stages of each pass.
-TUNING = dict(lse_rows=128, lse_warps=4, col_rows=256, col_warps=8, block_c=64, num_stages=2)
+# Tuning of the GPU pipeline (H100): rows (head, query pairs) per program, summaries per step, warps and pipeline
+# stages of pass 1 (lse_*) and pass 2 (col_*); rows head-major (r = head*BLOCK_T + query) or query-major.
+TUNING = dict(lse_rows=128, lse_block_c=64, lse_warps=4, col_rows=128, col_block_c=64, col_warps=4, num_stages=3,
+              head_major=True)
+DECODE_LOGITS_MAX_T = 16  # up to this many queries pass 1 stores its logits and pass 2 reads them back
+_RADIX = 3  # bits of the threshold the select decides per step
 
 
 @triton.jit
@@ -119,13 +123,15 @@ def _summary_range(q_start, T, C, tb, split, c_per_split,
 
 
 @triton.jit
-def _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt,
-                  G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Queries of kv head g's heads in t-block tb as rows r = hl*BLOCK_T + t_local:
-    (q [BLOCK_G*BLOCK_T, BLOCK_D], head in group hl, query t, row valid), each [BLOCK_G*BLOCK_T]."""
+def _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    """Queries of kv head g's heads in t-block tb, one (head hl, query t) pair per row:
+    (q [BLOCK_G*BLOCK_T, BLOCK_D], hl, t, row valid), the last three [BLOCK_G*BLOCK_T]."""
     offs_r = tl.arange(0, BLOCK_G * BLOCK_T)
-    hl = offs_r // BLOCK_T
-    t = tb * BLOCK_T + offs_r % BLOCK_T
+    if HEAD_MAJOR:
+        hl, t = offs_r // BLOCK_T, tb * BLOCK_T + offs_r % BLOCK_T
+    else:
+        hl, t = offs_r % BLOCK_G, tb * BLOCK_T + offs_r // BLOCK_G
     row_ok = (hl < G) & (t < T)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + (g * G + hl)[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
@@ -134,14 +140,14 @@ def _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt,
 
 
 @triton.jit
-def _logits(q, s_ptr, g, c0, c_hi, qk_scale, stride_sh, stride_sc,
-            D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(log2-domain logits of q against summaries c0 .. c0+BLOCK_C-1 of kv head g [rows, BLOCK_C], their ids)."""
+def _load_summaries(s_ptr, g, c0, c_hi, stride_sh, stride_sc,
+                    D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(summaries c0 .. c0+BLOCK_C-1 of kv head g [BLOCK_C, BLOCK_D], 0 from c_hi on; their ids [BLOCK_C])."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     s = tl.load(s_ptr + g * stride_sh + offs_c[:, None] * stride_sc + offs_d[None, :],
-                mask=(offs_c < c_hi)[:, None] & (offs_d < D)[None, :], other=0.0)  # [BLOCK_C, BLOCK_D]
-    return tl.dot(q, tl.trans(s)) * qk_scale, offs_c
+                mask=(offs_c < c_hi)[:, None] & (offs_d < D)[None, :], other=0.0)
+    return s, offs_c
 
 
 @triton.jit
@@ -153,48 +159,80 @@ def _online_lse(m, l, x):
 
 @triton.jit
 def _lse_kernel(
-    q_ptr, s_ptr, lse_ptr, q_start, T, C, c_per_split, qk_scale,
-    stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt,
+    q_ptr, s_ptr, lse_ptr, x_ptr, q_start, T, C, c_per_split, qk_scale,
+    stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_xh, stride_xt,
     G: tl.constexpr, D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr, STORE_LOGITS: tl.constexpr,
 ):
-    """Pass 1: log2-sum-exp2 of each (head, query) row over the visible summaries of one split."""
+    """Pass 1: log2-sum-exp2 of each (head, query) row over the visible summaries of one split; with STORE_LOGITS
+    also the logits themselves (log2 domain, -inf where not visible)."""
     g, tb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D)
+    q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D,
+                                     HEAD_MAJOR)
     pos = q_start + t  # [rows]
+    x_rows = x_ptr + (g * G + hl) * stride_xh + t * stride_xt  # [rows]
     c_lo, c_mid, c_hi = _summary_range(q_start, T, C, tb, split, c_per_split, KERNEL, STRIDE, BLOCK_T, BLOCK_C)
     m = tl.full([BLOCK_G * BLOCK_T], -1e30, tl.float32)  # finite, so fully masked chunks give exp2(-inf) = 0
     l = tl.zeros([BLOCK_G * BLOCK_T], tl.float32)
     for c0 in range(c_lo, c_mid, BLOCK_C):  # every query sees the whole chunk
-        x, _ = _logits(q, s_ptr, g, c0, c_hi, qk_scale, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
+        s, offs_c = _load_summaries(s_ptr, g, c0, c_hi, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
+        x = tl.dot(q, tl.trans(s)) * qk_scale  # [rows, BLOCK_C]
         m, l = _online_lse(m, l, x)
+        if STORE_LOGITS:
+            tl.store(x_rows[:, None] + offs_c[None, :], x, mask=row_ok[:, None])
     for c0 in range(c_mid, c_hi, BLOCK_C):
-        x, offs_c = _logits(q, s_ptr, g, c0, c_hi, qk_scale, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
+        s, offs_c = _load_summaries(s_ptr, g, c0, c_hi, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
         visible = (offs_c[None, :] * STRIDE + KERNEL - 1 <= pos[:, None]) & (offs_c < c_hi)[None, :]
-        m, l = _online_lse(m, l, tl.where(visible, x, float("-inf")))
+        x = tl.where(visible, tl.dot(q, tl.trans(s)) * qk_scale, float("-inf"))
+        m, l = _online_lse(m, l, x)
+        if STORE_LOGITS:
+            tl.store(x_rows[:, None] + offs_c[None, :], x, mask=row_ok[:, None] & (offs_c < c_hi)[None, :])
     lse = tl.where(l > 0, m + tl.log2(tl.maximum(l, 1.0)), float("-inf"))  # l >= 1 once a summary is visible
     tl.store(lse_ptr + (g * G + hl) * stride_lh + t * stride_lt + split, lse, mask=row_ok)
 
 
 @triton.jit
-def _store_columns(col_ptr, p, offs_c, c_hi, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Probabilities p [BLOCK_G*BLOCK_T, BLOCK_C] summed over the heads, maxed over the queries, stored."""
-    col = tl.max(tl.sum(tl.reshape(p, [BLOCK_G, BLOCK_T, BLOCK_C]), axis=0), axis=0)  # [BLOCK_C]
+def _logits_t(q, s_ptr, x_rows, row_ok, g, c0, c_hi, qk_scale, stride_sh, stride_sc,
+              D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_LOGITS: tl.constexpr):
+    """(Logits of summaries c0 .. c0+BLOCK_C-1 against the rows, transposed [BLOCK_C, rows], their ids [BLOCK_C]):
+    recomputed, or read back from pass 1."""
+    if FROM_LOGITS:
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        xt = tl.load(x_rows[None, :] + offs_c[:, None], mask=row_ok[None, :] & (offs_c < c_hi)[:, None], other=0.0)
+    else:
+        s, offs_c = _load_summaries(s_ptr, g, c0, c_hi, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
+        xt = tl.dot(s, tl.trans(q)) * qk_scale
+    return xt, offs_c
+
+
+@triton.jit
+def _store_columns(col_ptr, pt, offs_c, c_hi,
+                   BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    """Probabilities pt [BLOCK_C, rows] summed over the heads, maxed over the queries, stored per summary."""
+    if HEAD_MAJOR:
+        col = tl.max(tl.sum(tl.reshape(pt, [BLOCK_C, BLOCK_G, BLOCK_T]), axis=1), axis=1)  # [BLOCK_C]
+    else:
+        col = tl.max(tl.sum(tl.reshape(pt, [BLOCK_C, BLOCK_T, BLOCK_G]), axis=2), axis=1)
     tl.store(col_ptr + offs_c, col, mask=offs_c < c_hi)
 
 
 @triton.jit
 def _column_kernel(
-    q_ptr, s_ptr, lse_ptr, col_ptr, q_start, T, C, c_per_split, n_lse, qk_scale,
-    stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_ch, stride_ct,
+    q_ptr, s_ptr, lse_ptr, x_ptr, col_ptr, q_start, T, C, c_per_split, n_lse, qk_scale,
+    stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_xh, stride_xt, stride_ch, stride_ct,
     G: tl.constexpr, D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr, FROM_LOGITS: tl.constexpr,
 ):
     """Pass 2: per summary of one split, the probabilities summed over the group's heads, max over the t-block's
-    queries that see it (invisible pairs count 0, never above a real probability)."""
+    queries that see it (invisible pairs count 0, never above a real probability). Summaries are the rows of the
+    logits here, so both reductions run along the rows of the matrix-multiply result."""
     g, tb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D)
+    q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D,
+                                     HEAD_MAJOR)
     pos = q_start + t  # [rows]
+    x_rows = x_ptr + (g * G + hl) * stride_xh + t * stride_xt  # [rows]
     offs_s = tl.arange(0, BLOCK_S)
     parts = tl.load(lse_ptr + ((g * G + hl) * stride_lh + t * stride_lt)[:, None] + offs_s[None, :],
                     mask=row_ok[:, None] & (offs_s < n_lse)[None, :], other=float("-inf"))  # [rows, BLOCK_S]
@@ -205,13 +243,15 @@ def _column_kernel(
     c_lo, c_mid, c_hi = _summary_range(q_start, T, C, tb, split, c_per_split, KERNEL, STRIDE, BLOCK_T, BLOCK_C)
     col_ptr += g * stride_ch + tb * stride_ct
     for c0 in range(c_lo, c_mid, BLOCK_C):  # every query sees the whole chunk
-        x, offs_c = _logits(q, s_ptr, g, c0, c_hi, qk_scale, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
-        _store_columns(col_ptr, tl.exp2(x - lse[:, None]), offs_c, c_hi, BLOCK_G, BLOCK_T, BLOCK_C)
+        xt, offs_c = _logits_t(q, s_ptr, x_rows, row_ok, g, c0, c_hi, qk_scale, stride_sh, stride_sc,
+                               D, BLOCK_C, BLOCK_D, FROM_LOGITS)
+        _store_columns(col_ptr, tl.exp2(xt - lse[None, :]), offs_c, c_hi, BLOCK_G, BLOCK_T, BLOCK_C, HEAD_MAJOR)
     for c0 in range(c_mid, c_hi, BLOCK_C):
-        x, offs_c = _logits(q, s_ptr, g, c0, c_hi, qk_scale, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
-        visible = offs_c[None, :] * STRIDE + KERNEL - 1 <= pos[:, None]
-        _store_columns(col_ptr, tl.where(visible, tl.exp2(x - lse[:, None]), 0.0), offs_c, c_hi, BLOCK_G, BLOCK_T,
-                       BLOCK_C)
+        xt, offs_c = _logits_t(q, s_ptr, x_rows, row_ok, g, c0, c_hi, qk_scale, stride_sh, stride_sc,
+                               D, BLOCK_C, BLOCK_D, FROM_LOGITS)
+        visible = offs_c[:, None] * STRIDE + KERNEL - 1 <= pos[None, :]
+        _store_columns(col_ptr, tl.where(visible, tl.exp2(xt - lse[None, :]), 0.0), offs_c, c_hi,
+                       BLOCK_G, BLOCK_T, BLOCK_C, HEAD_MAJOR)
 
 
 @triton.jit
@@ -219,18 +259,19 @@ def _select_kernel(
     col_ptr, score_ptr, idx_ptr, cnt_ptr, q_start, T, C, n_blocks,
     stride_ch, stride_ct, stride_sh, stride_st, stride_ih, stride_it, stride_nh,
     KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
-    BLOCK_T: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr, WINDOW: tl.constexpr,
-    MAX_SEL: tl.constexpr, N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_SEL: tl.constexpr,
-    STORE_SCORES: tl.constexpr,
+    BLOCK_T: tl.constexpr, TB_PER_TILE: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
+    WINDOW: tl.constexpr, MAX_SEL: tl.constexpr, N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr,
+    BLOCK_SEL: tl.constexpr, RADIX: tl.constexpr, STORE_SCORES: tl.constexpr,
 ):
     """Pass 3, per (kv head, query tile): block scores (max over the overlapping summaries and the tile's
-    t-blocks), forced blocks set to +inf, the top max(topk, forced) kept by a radix select over the float bits."""
+    t-blocks), forced blocks set to +inf, the top max(topk, forced) kept: a radix select on the float bits finds
+    the k-th largest (RADIX bits per step), one scan ranks the chosen blocks in ascending order."""
     g, i = tl.program_id(0), tl.program_id(1)
     b = tl.arange(0, BLOCK_NB)
     c_first = tl.maximum(b * BLOCK_SIZE - KERNEL + STRIDE, 0) // STRIDE  # first summary overlapping block b
     c_last = ((b + 1) * BLOCK_SIZE - 1) // STRIDE
     score = tl.full([BLOCK_NB], float("-inf"), tl.float32)
-    for k in tl.static_range(Q_TILE // BLOCK_T):
+    for k in tl.static_range(TB_PER_TILE):
         tb = i * (Q_TILE // BLOCK_T) + k
         p_last = q_start + tl.minimum(tb * BLOCK_T + BLOCK_T, T) - 1
         n_vis = tl.where(tb * BLOCK_T < T, _n_visible(p_last, C, KERNEL, STRIDE), 0)
@@ -247,16 +288,22 @@ def _select_kernel(
     key = tl.where(forced, float("inf"), score)  # non-causal blocks have no score: -inf
     bits = tl.where(key > float("-inf"), key.to(tl.int32, bitcast=True), -1)  # keys >= 0: bits order as floats
     k_sel = tl.maximum(tl.sum(forced.to(tl.int32)), TOPK)
-    tau = 0  # becomes the k_sel-th largest bits (0 when fewer are valid)
-    for j in tl.static_range(31):
-        cand = tau | (1 << (30 - j))
-        tau = tl.where(tl.sum((bits >= cand).to(tl.int32)) >= k_sel, cand, tau)
-    eq = bits == tau
-    n_eq = k_sel - tl.sum((bits > tau).to(tl.int32))  # ties at tau: the lowest blocks first
-    sel = (bits > tau) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= n_eq))
+    # tau: the largest value with k_sel bits >= it (the k_sel-th largest; 0 when fewer are valid), RADIX bits a step.
+    digit = tl.arange(0, 1 << RADIX)
+    TOP: tl.constexpr = 31 - RADIX * ((31 - 1) // RADIX)  # bits of the first step
+    tau = 0
+    for step in tl.static_range((31 - 1) // RADIX + 1):
+        lo = 31 - TOP - RADIX * step
+        counts = tl.sum((bits[:, None] >= (tau + (digit << lo))[None, :]).to(tl.int32), axis=0)  # [1 << RADIX]
+        ok = (digit > 0) & (digit <= (2147483647 - tau) >> lo)  # candidates past the int32 range do not exist
+        tau += tl.sum(((counts >= k_sel) & ok).to(tl.int32)) << lo
+    gt, eq = bits > tau, bits == tau
+    n_eq = k_sel - tl.sum(gt.to(tl.int32))  # ties at tau: the lowest blocks first
+    rank = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # (gt so far) << 16 | (eq so far)
+    sel = gt | (eq & ((rank & 65535) <= n_eq))
     n_sel = tl.sum(sel.to(tl.int32))
     idx_ptr += g * stride_ih + i * stride_it
-    tl.store(idx_ptr + tl.cumsum(sel.to(tl.int32), axis=0) - 1, b, mask=sel)  # ascending
+    tl.store(idx_ptr + (rank >> 16) + tl.minimum(rank & 65535, n_eq) - 1, b, mask=sel)  # ascending
     j = tl.arange(0, BLOCK_SEL)
     tl.store(idx_ptr + j, tl.full([BLOCK_SEL], -1, tl.int32), mask=(j >= n_sel) & (j < MAX_SEL))
     tl.store(cnt_ptr + g * stride_nh + i, n_sel)
@@ -286,34 +333,38 @@ def block_select(
     assert q_tile >= 16 and q_tile & (q_tile - 1) == 0, "q_tile must be a power of two >= 16"
     L = q_start + T
     C = num_summaries(L, kernel, stride)
-    assert C <= summaries.shape[1]
     n_tiles, n_blocks = triton.cdiv(T, q_tile), triton.cdiv(L, block_size)
+    assert C <= summaries.shape[1] and n_blocks < 65536
     dev = q.device
     qk_scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * 1.4426950408889634  # log2 domain
-    cfg = TUNING
-    BLOCK_C, BLOCK_G, BLOCK_D = cfg["block_c"], triton.next_power_of_2(G), max(16, triton.next_power_of_2(d))
-    strides = (q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1))
+    cfg, C1 = TUNING, max(C, 1)
+    BLOCK_G, BLOCK_D = triton.next_power_of_2(G), max(16, triton.next_power_of_2(d))
     min_t = 16 // min(BLOCK_G, 16)  # tl.dot needs 16 rows
+    shape = dict(G=G, D=d, KERNEL=kernel, STRIDE=stride, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
+                 HEAD_MAJOR=cfg["head_major"])
+    strides = (q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1))
+    from_logits = T <= DECODE_LOGITS_MAX_T
+    logits = torch.empty((Hq, T, C1) if from_logits else (1, 1, 1), dtype=torch.float32, device=dev)  # [Hq, T, C]
     # Pass 1: rows = BLOCK_G heads x BLOCK_T queries; split the summaries when there are few rows (decode).
     BLOCK_T = max(min(triton.next_power_of_2(T), cfg["lse_rows"] // BLOCK_G), min_t)
     n_tb = triton.cdiv(T, BLOCK_T)
-    c_per_split, n_lse = _split(max(C, 1), BLOCK_C, Hkv * n_tb)
+    c_per_split, n_lse = _split(C1, cfg["lse_block_c"], Hkv * n_tb)
     lse = torch.empty((Hq, T, n_lse), dtype=torch.float32, device=dev)  # [Hq, T, n_lse] partial, log2 domain
     _lse_kernel[(Hkv, n_tb, n_lse)](
-        q, summaries, lse, q_start, T, C, c_per_split, qk_scale, *strides, lse.stride(0), lse.stride(1),
-        G=G, D=d, KERNEL=kernel, STRIDE=stride, BLOCK_G=BLOCK_G, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
-        num_warps=cfg["lse_warps"], num_stages=cfg["num_stages"],
+        q, summaries, lse, logits, q_start, T, C, c_per_split, qk_scale, *strides, lse.stride(0), lse.stride(1),
+        logits.stride(0), logits.stride(1), **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["lse_block_c"],
+        STORE_LOGITS=from_logits, num_warps=cfg["lse_warps"], num_stages=cfg["num_stages"],
     )
     # Pass 2: t-blocks inside one query tile; col [Hkv, n_tb, C], written where seen by the t-block's last query.
     BLOCK_T = max(min(q_tile, triton.next_power_of_2(T), cfg["col_rows"] // BLOCK_G), min_t)
     n_tb = triton.cdiv(T, BLOCK_T)
-    c_per_split, n_split = _split(max(C, 1), BLOCK_C, Hkv * n_tb)
-    col = torch.empty((Hkv, n_tb, max(C, 1)), dtype=torch.float32, device=dev)
+    c_per_split, n_split = _split(C1, cfg["col_block_c"], Hkv * n_tb)
+    col = torch.empty((Hkv, n_tb, C1), dtype=torch.float32, device=dev)
     _column_kernel[(Hkv, n_tb, n_split)](
-        q, summaries, lse, col, q_start, T, C, c_per_split, n_lse, qk_scale, *strides, lse.stride(0), lse.stride(1),
-        col.stride(0), col.stride(1),
-        G=G, D=d, KERNEL=kernel, STRIDE=stride, BLOCK_G=BLOCK_G, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
-        BLOCK_S=max(2, triton.next_power_of_2(n_lse)), num_warps=cfg["col_warps"], num_stages=cfg["num_stages"],
+        q, summaries, lse, logits, col, q_start, T, C, c_per_split, n_lse, qk_scale, *strides,
+        lse.stride(0), lse.stride(1), logits.stride(0), logits.stride(1), col.stride(0), col.stride(1),
+        **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["col_block_c"], BLOCK_S=max(2, triton.next_power_of_2(n_lse)),
+        FROM_LOGITS=from_logits, num_warps=cfg["col_warps"], num_stages=cfg["num_stages"],
     )
     # Pass 3: one program per (kv head, tile).
     max_sel = max_selected(topk, window, block_size, q_tile, init_blocks)
@@ -327,9 +378,10 @@ def block_select(
         col, out, block_idx, block_count, q_start, T, C, n_blocks,
         col.stride(0), col.stride(1), out.stride(0), out.stride(1), block_idx.stride(0), block_idx.stride(1),
         block_count.stride(0),
-        KERNEL=kernel, STRIDE=stride, BLOCK_SIZE=block_size, Q_TILE=q_tile, BLOCK_T=BLOCK_T, TOPK=topk,
-        INIT_BLOCKS=init_blocks, WINDOW=window, MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1,
-        BLOCK_NB=BLOCK_NB, BLOCK_SEL=triton.next_power_of_2(max_sel), STORE_SCORES=scores is not None,
+        KERNEL=kernel, STRIDE=stride, BLOCK_SIZE=block_size, Q_TILE=q_tile, BLOCK_T=BLOCK_T,
+        TB_PER_TILE=min(q_tile // BLOCK_T, n_tb), TOPK=topk, INIT_BLOCKS=init_blocks, WINDOW=window,
+        MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1, BLOCK_NB=BLOCK_NB,
+        BLOCK_SEL=triton.next_power_of_2(max_sel), RADIX=_RADIX, STORE_SCORES=scores is not None,
         num_warps=min(16, max(4, BLOCK_NB // 512)),
     )
     return block_idx, block_count

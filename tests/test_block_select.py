@@ -63,7 +63,9 @@ def check_selection(got, ref, ref_scores, q_start, T, q_tile, block_size, init_b
 TUNINGS = {
     "default": {},
     "one split": dict(_TARGET_PROGRAMS=1),  # each program loops over all its summary chunks
-    "small blocks": dict(TUNING=dict(block_select_module.TUNING, lse_rows=16, col_rows=16, block_c=16)),  # t-blocks
+    "small blocks": dict(TUNING=dict(block_select_module.TUNING, lse_rows=16, col_rows=16, lse_block_c=16,
+                                     col_block_c=16)),  # several t-blocks per tile, several chunks per split
+    "query-major rows": dict(TUNING=dict(block_select_module.TUNING, head_major=False)),
 }
 
 
