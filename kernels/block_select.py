@@ -18,6 +18,11 @@ writes, per (kv head, t-block of queries, summary), the probabilities summed ove
 over the queries; pass 3, one program per (kv head, tile), max-pools those to blocks, forces the sink and window
 blocks (+inf) and keeps the top ones by a radix select on the float bits (ties: lowest block first). On CPU the
 engine uses reference_scores and select_blocks, the same selection in plain torch.
+
+The kernels read q_start from a device int32 [1] tensor and derive the live counts (summaries, blocks, each split's
+share of the summaries) from it. The host sizes grids and scratch either to the live counts (an int q_start) or to
+capacities (a tensor q_start, decode: a CUDA graph captured once replays at any length); programs and blocks past
+the live ones do no work and select nothing, so both give the same bits.
 """
 
 import math
@@ -104,21 +109,32 @@ _RADIX = 3  # bits of the threshold the select decides per step
 
 
 @triton.jit
-def _n_visible(p, C, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
-    """How many summaries (of the C written) the query at position p sees: c*STRIDE + KERNEL - 1 <= p."""
-    return tl.minimum(C, tl.maximum(p + 1 - KERNEL + STRIDE, 0) // STRIDE)
+def _n_visible(p, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
+    """How many summaries the query at position p sees (c*STRIDE + KERNEL - 1 <= p): num_summaries(p + 1)."""
+    return tl.maximum(p + 1 - KERNEL + STRIDE, 0) // STRIDE
 
 
 @triton.jit
-def _summary_range(q_start, T, C, tb, split, c_per_split,
+def _splits(q_start, T, max_splits, KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(summaries per split, splits that hold any): the live summaries num_summaries(q_start + T) cut into at most
+    max_splits runs of whole BLOCK_C chunks."""
+    n_chunks = tl.cdiv(_n_visible(q_start + T - 1, KERNEL, STRIDE), BLOCK_C)
+    chunks_per_split = tl.maximum(tl.cdiv(n_chunks, max_splits), 1)
+    return chunks_per_split * BLOCK_C, tl.cdiv(n_chunks, chunks_per_split)
+
+
+@triton.jit
+def _summary_range(q_start, T, tb, max_splits,
                    KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Summaries [c_lo, c_hi) of this split that the last query of t-block tb sees; [c_lo, c_mid) are whole
-    BLOCK_C chunks that every query of the t-block sees (no masking needed)."""
+    """Summaries [c_lo, c_hi) of this program's split (axis 2) that the last query of t-block tb sees; [c_lo, c_mid)
+    are whole BLOCK_C chunks that every query of the t-block sees (no masking needed). A split past the live
+    summaries is empty."""
+    c_per_split, _ = _splits(q_start, T, max_splits, KERNEL, STRIDE, BLOCK_C)
     p_first = q_start + tb * BLOCK_T
     p_last = q_start + tl.minimum(tb * BLOCK_T + BLOCK_T, T) - 1
-    c_lo = split * c_per_split
-    c_hi = tl.minimum(c_lo + c_per_split, _n_visible(p_last, C, KERNEL, STRIDE))
-    c_all = tl.minimum(c_hi, _n_visible(p_first, C, KERNEL, STRIDE))
+    c_lo = tl.program_id(2) * c_per_split
+    c_hi = tl.minimum(c_lo + c_per_split, _n_visible(p_last, KERNEL, STRIDE))
+    c_all = tl.minimum(c_hi, _n_visible(p_first, KERNEL, STRIDE))
     return c_lo, c_lo + tl.maximum(c_all - c_lo, 0) // BLOCK_C * BLOCK_C, c_hi
 
 
@@ -159,7 +175,7 @@ def _online_lse(m, l, x):
 
 @triton.jit
 def _lse_kernel(
-    q_ptr, s_ptr, lse_ptr, x_ptr, q_start, T, C, c_per_split, qk_scale,
+    q_ptr, s_ptr, lse_ptr, x_ptr, start_ptr, T, max_splits, qk_scale,
     stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_xh, stride_xt,
     G: tl.constexpr, D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -168,11 +184,12 @@ def _lse_kernel(
     """Pass 1: log2-sum-exp2 of each (head, query) row over the visible summaries of one split; with STORE_LOGITS
     also the logits themselves (log2 domain, -inf where not visible)."""
     g, tb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(start_ptr)
     q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D,
                                      HEAD_MAJOR)
     pos = q_start + t  # [rows]
     x_rows = x_ptr + (g * G + hl) * stride_xh + t * stride_xt  # [rows]
-    c_lo, c_mid, c_hi = _summary_range(q_start, T, C, tb, split, c_per_split, KERNEL, STRIDE, BLOCK_T, BLOCK_C)
+    c_lo, c_mid, c_hi = _summary_range(q_start, T, tb, max_splits, KERNEL, STRIDE, BLOCK_T, BLOCK_C)
     m = tl.full([BLOCK_G * BLOCK_T], -1e30, tl.float32)  # finite, so fully masked chunks give exp2(-inf) = 0
     l = tl.zeros([BLOCK_G * BLOCK_T], tl.float32)
     for c0 in range(c_lo, c_mid, BLOCK_C):  # every query sees the whole chunk
@@ -219,28 +236,32 @@ def _store_columns(col_ptr, pt, offs_c, c_hi,
 
 @triton.jit
 def _column_kernel(
-    q_ptr, s_ptr, lse_ptr, x_ptr, col_ptr, q_start, T, C, c_per_split, n_lse, qk_scale,
+    q_ptr, s_ptr, lse_ptr, x_ptr, col_ptr, start_ptr, T, max_splits, lse_splits, qk_scale,
     stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_xh, stride_xt, stride_ch, stride_ct,
     G: tl.constexpr, D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    LSE_BLOCK_C: tl.constexpr, HEAD_MAJOR: tl.constexpr, FROM_LOGITS: tl.constexpr,
 ):
     """Pass 2: per summary of one split, the probabilities summed over the group's heads, max over the t-block's
     queries that see it (invisible pairs count 0, never above a real probability). Summaries are the rows of the
-    logits here, so both reductions run along the rows of the matrix-multiply result."""
-    g, tb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    logits here, so both reductions run along the rows of the matrix-multiply result. The log-sum-exp merges the
+    partials of pass 1's live splits (lse_splits, LSE_BLOCK_C: its split settings)."""
+    g, tb = tl.program_id(0), tl.program_id(1)
+    q_start = tl.load(start_ptr)
     q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D,
                                      HEAD_MAJOR)
     pos = q_start + t  # [rows]
     x_rows = x_ptr + (g * G + hl) * stride_xh + t * stride_xt  # [rows]
     offs_s = tl.arange(0, BLOCK_S)
     parts = tl.load(lse_ptr + ((g * G + hl) * stride_lh + t * stride_lt)[:, None] + offs_s[None, :],
-                    mask=row_ok[:, None] & (offs_s < n_lse)[None, :], other=float("-inf"))  # [rows, BLOCK_S]
+                    mask=row_ok[:, None] & (offs_s < lse_splits)[None, :], other=float("-inf"))  # [rows, BLOCK_S]
+    _, n_lse = _splits(q_start, T, lse_splits, KERNEL, STRIDE, LSE_BLOCK_C)
+    parts = tl.where((offs_s < n_lse)[None, :], parts, float("-inf"))  # masked after the load: it need not wait
     m = tl.max(parts, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)
     lse = m + tl.log2(tl.sum(tl.exp2(parts - m[:, None]), axis=1))  # [rows], -inf: nothing visible
     lse = tl.where(row_ok, lse, float("inf"))  # padding rows: probability 0
-    c_lo, c_mid, c_hi = _summary_range(q_start, T, C, tb, split, c_per_split, KERNEL, STRIDE, BLOCK_T, BLOCK_C)
+    c_lo, c_mid, c_hi = _summary_range(q_start, T, tb, max_splits, KERNEL, STRIDE, BLOCK_T, BLOCK_C)
     col_ptr += g * stride_ch + tb * stride_ct
     for c0 in range(c_lo, c_mid, BLOCK_C):  # every query sees the whole chunk
         xt, offs_c = _logits_t(q, s_ptr, x_rows, row_ok, g, c0, c_hi, qk_scale, stride_sh, stride_sc,
@@ -256,7 +277,7 @@ def _column_kernel(
 
 @triton.jit
 def _select_kernel(
-    col_ptr, score_ptr, idx_ptr, cnt_ptr, q_start, T, C, n_blocks,
+    col_ptr, score_ptr, idx_ptr, cnt_ptr, start_ptr, T,
     stride_ch, stride_ct, stride_sh, stride_st, stride_ih, stride_it, stride_nh,
     KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
     BLOCK_T: tl.constexpr, TB_PER_TILE: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
@@ -267,21 +288,22 @@ def _select_kernel(
     t-blocks), forced blocks set to +inf, the top max(topk, forced) kept: a radix select on the float bits finds
     the k-th largest (RADIX bits per step), one scan ranks the chosen blocks in ascending order."""
     g, i = tl.program_id(0), tl.program_id(1)
-    b = tl.arange(0, BLOCK_NB)
+    q_start = tl.load(start_ptr)
+    b = tl.arange(0, BLOCK_NB)  # blocks from cdiv(q_start + T, BLOCK_SIZE) on: no score, not forced
     c_first = tl.maximum(b * BLOCK_SIZE - KERNEL + STRIDE, 0) // STRIDE  # first summary overlapping block b
     c_last = ((b + 1) * BLOCK_SIZE - 1) // STRIDE
     score = tl.full([BLOCK_NB], float("-inf"), tl.float32)
     for k in tl.static_range(TB_PER_TILE):
         tb = i * (Q_TILE // BLOCK_T) + k
         p_last = q_start + tl.minimum(tb * BLOCK_T + BLOCK_T, T) - 1
-        n_vis = tl.where(tb * BLOCK_T < T, _n_visible(p_last, C, KERNEL, STRIDE), 0)
+        n_vis = tl.where(tb * BLOCK_T < T, _n_visible(p_last, KERNEL, STRIDE), 0)
         for j in tl.static_range(N_OVERLAP):
             c = c_first + j
             v = tl.load(col_ptr + g * stride_ch + tb * stride_ct + c, mask=(c <= c_last) & (c < n_vis),
                         other=float("-inf"))
             score = tl.maximum(score, v)
     if STORE_SCORES:
-        tl.store(score_ptr + g * stride_sh + i * stride_st + b, score, mask=b < n_blocks)
+        tl.store(score_ptr + g * stride_sh + i * stride_st + b, score, mask=b * BLOCK_SIZE < q_start + T)
     p_lo = q_start + i * Q_TILE
     p_hi = q_start + tl.minimum(i * Q_TILE + Q_TILE, T) - 1
     forced = ((b < INIT_BLOCKS) | ((b + 1) * BLOCK_SIZE - 1 >= p_lo - WINDOW + 1)) & (b * BLOCK_SIZE <= p_hi)
@@ -309,62 +331,81 @@ def _select_kernel(
     tl.store(cnt_ptr + g * stride_nh + i, n_sel)
 
 
-def _split(C: int, block_c: int, programs: int) -> tuple[int, int]:
-    """(summaries per split, n_split): split the C summaries until about _TARGET_PROGRAMS programs run."""
-    n_chunks = triton.cdiv(C, block_c)
-    chunks_per_split = triton.cdiv(n_chunks, max(1, min(n_chunks, _TARGET_PROGRAMS // programs)))
-    return chunks_per_split * block_c, triton.cdiv(n_chunks, chunks_per_split)
+def _max_splits(programs: int) -> int:
+    """Runs of whole chunks the live summaries are cut into (the kernels size them), so that about
+    _TARGET_PROGRAMS programs run."""
+    return max(1, _TARGET_PROGRAMS // programs)
 
 
 def block_select(
-    q: torch.Tensor, summaries: torch.Tensor, q_start: int,
+    q: torch.Tensor, summaries: torch.Tensor, q_start: int | torch.Tensor,
     kernel: int = 32, stride: int = 16, block_size: int = 64, q_tile: int = 64,
     topk: int = 64, init_blocks: int = 1, window: int = 2048, sm_scale: float | None = None,
-    scores: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None, max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `reference`: q [Hq, T, d], summaries [Hkv, max_summaries, d] ->
     (block_idx [Hkv, n_tiles, max_sel], block_count [Hkv, n_tiles]), three launches, no host sync.
-    When given, scores [Hkv, n_tiles, n_blocks] fp32 receives reference_scores' block scores."""
+
+    q_start: int, or int32 [1] tensor on q's device for decode (T <= 8, one tile); the kernels read it from the
+    device either way. An int sizes the grids and scratch to the live keys L = q_start + T. A tensor's value is
+    never read on the host (CUDA-graph friendly): they are sized to the capacity L_cap = min(max_len,
+    max_summaries * stride + kernel - 1) (the most keys whose windows fit in summaries), and the caller
+    guarantees q_start + T <= L_cap. Both give the same bits. Pass max_len (the KV cache's length) with a tensor:
+    131072 keys have 8191 summaries, which alone allow 131087 keys (2049 blocks: twice the select's work).
+    When given, scores [Hkv, n_tiles, cdiv(L or L_cap, block_size)] fp32 receives reference_scores' block scores
+    in its first cdiv(L, block_size) columns."""
     Hq, T, d = q.shape
     Hkv = summaries.shape[0]
     G = Hq // Hkv
     assert Hq == G * Hkv and summaries.shape[2] == d and q.dtype == summaries.dtype
     assert q.stride(-1) == 1 and summaries.stride(-1) == 1
     assert q_tile >= 16 and q_tile & (q_tile - 1) == 0, "q_tile must be a power of two >= 16"
-    L = q_start + T
-    C = num_summaries(L, kernel, stride)
-    n_tiles, n_blocks = triton.cdiv(T, q_tile), triton.cdiv(L, block_size)
-    assert C <= summaries.shape[1] and n_blocks < 65536
     dev = q.device
+    L_cap = summaries.shape[1] * stride + kernel - 1
+    L_cap = L_cap if max_len is None else min(L_cap, max_len)
+    if isinstance(q_start, int):
+        L = q_start + T
+        assert L <= L_cap
+        start = torch.full((1,), q_start, dtype=torch.int32, device=dev)
+    else:
+        assert T <= 8 and T <= q_tile, "a device q_start is for decode: T <= 8 queries in one tile"
+        assert q_start.shape == (1,) and q_start.dtype == torch.int32 and q_start.device == dev
+        L, start = L_cap, q_start
+    C, n_tiles, n_blocks = num_summaries(L, kernel, stride), triton.cdiv(T, q_tile), triton.cdiv(L, block_size)
+    assert n_blocks < 65536
     qk_scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * 1.4426950408889634  # log2 domain
-    cfg, C1 = TUNING, max(C, 1)
+    # The kernels compute every count from start; the sizes reach them only as grids and as strides of the fp32
+    # scratch, rounded to multiples of 16 so that Triton (specializing on divisibility by 16) compiles the same
+    # kernels, which compute the same bits, whatever the sizing.
+    cfg, C16 = TUNING, triton.cdiv(max(C, 1), 16) * 16
     BLOCK_G, BLOCK_D = triton.next_power_of_2(G), max(16, triton.next_power_of_2(d))
     min_t = 16 // min(BLOCK_G, 16)  # tl.dot needs 16 rows
     shape = dict(G=G, D=d, KERNEL=kernel, STRIDE=stride, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
                  HEAD_MAJOR=cfg["head_major"])
     strides = (q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1))
     from_logits = T <= DECODE_LOGITS_MAX_T
-    logits = torch.empty((Hq, T, C1) if from_logits else (1, 1, 1), dtype=torch.float32, device=dev)  # [Hq, T, C]
+    logits = torch.empty((Hq, T, C16) if from_logits else (1, 1, 1), dtype=torch.float32, device=dev)  # [Hq, T, C]
     # Pass 1: rows = BLOCK_G heads x BLOCK_T queries; split the summaries when there are few rows (decode).
     BLOCK_T = max(min(triton.next_power_of_2(T), cfg["lse_rows"] // BLOCK_G), min_t)
     n_tb = triton.cdiv(T, BLOCK_T)
-    c_per_split, n_lse = _split(C1, cfg["lse_block_c"], Hkv * n_tb)
-    lse = torch.empty((Hq, T, n_lse), dtype=torch.float32, device=dev)  # [Hq, T, n_lse] partial, log2 domain
-    _lse_kernel[(Hkv, n_tb, n_lse)](
-        q, summaries, lse, logits, q_start, T, C, c_per_split, qk_scale, *strides, lse.stride(0), lse.stride(1),
+    lse_splits = _max_splits(Hkv * n_tb)
+    lse = torch.empty((Hq, T, lse_splits), dtype=torch.float32, device=dev)  # [Hq, T, lse_splits] partial, log2
+    _lse_kernel[(Hkv, n_tb, min(lse_splits, triton.cdiv(max(C, 1), cfg["lse_block_c"])))](
+        q, summaries, lse, logits, start, T, lse_splits, qk_scale, *strides, lse.stride(0), lse.stride(1),
         logits.stride(0), logits.stride(1), **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["lse_block_c"],
         STORE_LOGITS=from_logits, num_warps=cfg["lse_warps"], num_stages=cfg["num_stages"],
     )
     # Pass 2: t-blocks inside one query tile; col [Hkv, n_tb, C], written where seen by the t-block's last query.
     BLOCK_T = max(min(q_tile, triton.next_power_of_2(T), cfg["col_rows"] // BLOCK_G), min_t)
     n_tb = triton.cdiv(T, BLOCK_T)
-    c_per_split, n_split = _split(C1, cfg["col_block_c"], Hkv * n_tb)
-    col = torch.empty((Hkv, n_tb, C1), dtype=torch.float32, device=dev)
-    _column_kernel[(Hkv, n_tb, n_split)](
-        q, summaries, lse, logits, col, q_start, T, C, c_per_split, n_lse, qk_scale, *strides,
+    col_splits = _max_splits(Hkv * n_tb)
+    col = torch.empty((Hkv, n_tb, C16), dtype=torch.float32, device=dev)
+    _column_kernel[(Hkv, n_tb, min(col_splits, triton.cdiv(max(C, 1), cfg["col_block_c"])))](
+        q, summaries, lse, logits, col, start, T, col_splits, lse_splits, qk_scale, *strides,
         lse.stride(0), lse.stride(1), logits.stride(0), logits.stride(1), col.stride(0), col.stride(1),
-        **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["col_block_c"], BLOCK_S=max(2, triton.next_power_of_2(n_lse)),
-        FROM_LOGITS=from_logits, num_warps=cfg["col_warps"], num_stages=cfg["num_stages"],
+        **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["col_block_c"], BLOCK_S=max(2, triton.next_power_of_2(lse_splits)),
+        LSE_BLOCK_C=cfg["lse_block_c"], FROM_LOGITS=from_logits, num_warps=cfg["col_warps"],
+        num_stages=cfg["num_stages"],
     )
     # Pass 3: one program per (kv head, tile).
     max_sel = max_selected(topk, window, block_size, q_tile, init_blocks)
@@ -375,14 +416,14 @@ def block_select(
     out = col if scores is None else scores
     BLOCK_NB = max(16, triton.next_power_of_2(n_blocks))
     _select_kernel[(Hkv, n_tiles)](
-        col, out, block_idx, block_count, q_start, T, C, n_blocks,
+        col, out, block_idx, block_count, start, T,
         col.stride(0), col.stride(1), out.stride(0), out.stride(1), block_idx.stride(0), block_idx.stride(1),
         block_count.stride(0),
         KERNEL=kernel, STRIDE=stride, BLOCK_SIZE=block_size, Q_TILE=q_tile, BLOCK_T=BLOCK_T,
         TB_PER_TILE=min(q_tile // BLOCK_T, n_tb), TOPK=topk, INIT_BLOCKS=init_blocks, WINDOW=window,
         MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1, BLOCK_NB=BLOCK_NB,
         BLOCK_SEL=triton.next_power_of_2(max_sel), RADIX=_RADIX, STORE_SCORES=scores is not None,
-        num_warps=min(16, max(4, BLOCK_NB // 512)),
+        num_warps=min(8, max(4, BLOCK_NB // 256)),  # H100/H200: 8 beat 4 at 2048 blocks, 16 at 2048 and 4096
     )
     return block_idx, block_count
 

@@ -25,20 +25,37 @@ def reference(k: torch.Tensor, start: int, end: int, kernel: int = 32, stride: i
 
 @triton.jit
 def _pool_keys_kernel(
-    k_ptr, s_ptr, start,
+    k_ptr, s_ptr, keys_ptr, keys, count,
     stride_kh, stride_kl, stride_sh, stride_sc,
     D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, KEYS_ON_DEVICE: tl.constexpr,
 ):
     h = tl.program_id(0)
-    c = start + tl.program_id(1)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_k[:, None] < KERNEL) & (offs_d[None, :] < D)
-    ptrs = k_ptr + h * stride_kh + (c * STRIDE + offs_k)[:, None] * stride_kl + offs_d[None, :]
-    k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_D]
-    mean = tl.sum(k, axis=0) / KERNEL  # [BLOCK_D]
-    tl.store(s_ptr + h * stride_sh + c * stride_sc + offs_d, mean.to(s_ptr.dtype.element_ty), mask=offs_d < D)
+    if KEYS_ON_DEVICE:
+        keys = tl.load(keys_ptr)
+    last = tl.where(keys < KERNEL, 0, (keys - KERNEL) // STRIDE + 1)  # num_summaries(keys)
+    c = last - count + tl.program_id(1)
+    if c >= 0:
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_k[:, None] < KERNEL) & (offs_d[None, :] < D)
+        ptrs = k_ptr + h * stride_kh + (c * STRIDE + offs_k)[:, None] * stride_kl + offs_d[None, :]
+        k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_D]
+        mean = tl.sum(k, axis=0) / KERNEL  # [BLOCK_D]
+        tl.store(s_ptr + h * stride_sh + c * stride_sc + offs_d, mean.to(s_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+def _launch(k, summaries, keys, count, kernel, stride):
+    """Write the last `count` windows complete with `keys` keys (int, or int32 tensor [1] read on the device)."""
+    Hkv, _, d = k.shape
+    assert k.stride(-1) == 1 and summaries.stride(-1) == 1
+    on_device = isinstance(keys, torch.Tensor)
+    _pool_keys_kernel[(Hkv, count)](
+        k, summaries, keys if on_device else k, 0 if on_device else keys, count,
+        k.stride(0), k.stride(1), summaries.stride(0), summaries.stride(1),
+        D=d, KERNEL=kernel, STRIDE=stride,
+        BLOCK_K=triton.next_power_of_2(kernel), BLOCK_D=triton.next_power_of_2(d), KEYS_ON_DEVICE=on_device,
+    )
 
 
 def pool_keys(
@@ -48,14 +65,18 @@ def pool_keys(
 
     k: [Hkv, max_len, d] (last dim contiguous), summaries: [Hkv, max_summaries, d] (last dim contiguous).
     """
-    Hkv, _, d = k.shape
-    assert k.stride(-1) == 1 and summaries.stride(-1) == 1
     assert (end - 1) * stride + kernel <= k.shape[1] and end <= summaries.shape[1]
-    if end <= start:
-        return
-    _pool_keys_kernel[(Hkv, end - start)](
-        k, summaries, start,
-        k.stride(0), k.stride(1), summaries.stride(0), summaries.stride(1),
-        D=d, KERNEL=kernel, STRIDE=stride,
-        BLOCK_K=triton.next_power_of_2(kernel), BLOCK_D=triton.next_power_of_2(d),
-    )
+    if end > start:
+        _launch(k, summaries, (end - 1) * stride + kernel, end - start, kernel, stride)
+
+
+def pool_new_windows(
+    k: torch.Tensor, summaries: torch.Tensor, keys: torch.Tensor, new_keys: int, kernel: int = 32, stride: int = 16
+) -> None:
+    """Write the summaries of the windows completed by the last `new_keys` of `keys` keys, in place.
+
+    keys: int32 tensor [1] on k's device, read by the kernel: the launch depends only on new_keys, so a CUDA graph
+    can replay it at any length. Covers the last ceil(new_keys / stride) complete windows (rewriting older ones
+    among them is harmless: a summary is a pure function of its keys).
+    """
+    _launch(k, summaries, keys, triton.cdiv(new_keys, stride), kernel, stride)

@@ -1,13 +1,18 @@
 """Block-sparse attention for decode and speculative verification (split-K / flash-decoding).
 
 q [Hq, T, d] holds T (1..8) queries at positions L-T..L-1 that share one selection per kv head:
-block_idx [Hkv, 1, max_sel], block_count [Hkv, 1] (the prefill layout with a single tile). The
-T queries are causal among themselves. Semantics: `reference` (= sparse_attention.reference with
-q_start = L-T and one tile).
+block_idx [Hkv, 1, max_sel], block_count [Hkv, 1] (the prefill layout with a single tile), or no
+selection at all (dense: every block 0..cdiv(L, block_size)-1). The T queries are causal among
+themselves. Semantics: `reference` (= sparse_attention.reference with q_start = L-T and one tile).
+
+The kernels read L from a device int32 [1] tensor and size nothing from its value: the grid and the
+scratch come from capacities (max_sel, or the cache length in dense mode), so one CUDA graph replays
+at any L the cache holds.
 
 Pass 1, one program per (kv head, split): the G*T rows of the group (row r = t*G + j) run online
-softmax over a contiguous share of the selected blocks and write an unnormalised partial
-(acc, m, l) in fp32 scratch. Pass 2, one program per (kv head, row): merge the splits.
+softmax over a contiguous share of the attended blocks (the share computed from the live count) and
+write an unnormalised partial (acc, m, l) in fp32 scratch; a split past the live blocks writes
+m = -inf, l = 0. Pass 2, one program per (kv head, row): merge the splits.
 """
 
 import math
@@ -21,17 +26,19 @@ from infer.kernels import sparse_attention
 
 @triton.jit
 def _sparse_decode_split(
-    q_ptr, k_ptr, v_ptr, idx_ptr, cnt_ptr, acc_ptr, m_ptr, l_ptr,
+    q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, cnt_ptr, acc_ptr, m_ptr, l_ptr,
     stride_qh, stride_qt, stride_kh, stride_kt, stride_vh, stride_vt, stride_ih, stride_ch,
-    T, L, qk_scale,
+    T, qk_scale,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr,
 ):
+    """Dense (idx_ptr, cnt_ptr None): the attended blocks are 0..cdiv(L, BLOCK_SIZE)-1."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N  # kernel steps per selected block
 
+    L = tl.load(len_ptr)  # keys 0..L-1 are live
     rows = tl.arange(0, BLOCK_M)  # [BLOCK_M] row = t * GROUP + j
     t = rows // GROUP
     h = kvh * GROUP + rows % GROUP
@@ -42,11 +49,10 @@ def _sparse_decode_split(
 
     q = tl.load(q_ptr + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-    n_sel = tl.load(cnt_ptr + kvh * stride_ch)
+    n_sel = tl.cdiv(L, BLOCK_SIZE) if DENSE else tl.load(cnt_ptr + kvh * stride_ch)
     per_split = tl.cdiv(n_sel, n_splits)
     start = split * per_split
-    end = tl.minimum(start + per_split, n_sel)
-    idx_base = idx_ptr + kvh * stride_ih
+    end = tl.minimum(start + per_split, n_sel)  # empty (end <= start) past the live blocks
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
 
@@ -54,7 +60,7 @@ def _sparse_decode_split(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for i in range(start * SUB, end * SUB):
-        blk = tl.load(idx_base + i // SUB)
+        blk = i // SUB if DENSE else tl.load(idx_ptr + kvh * stride_ih + i // SUB)
         kpos = blk * BLOCK_SIZE + (i % SUB) * BLOCK_N + offs_n  # [BLOCK_N]
         k = tl.load(k_base + kpos[None, :] * stride_kt + offs_d[:, None],
                     mask=kpos[None, :] < L, other=0.0)  # [D, BLOCK_N]
@@ -98,35 +104,52 @@ def _sparse_decode_reduce(
     tl.store(o_ptr + h * stride_oh + (row // GROUP) * stride_ot + offs_d, o.to(o_ptr.dtype.element_ty))
 
 
-def reference(q, k_cache, v_cache, L, block_idx, block_count, block_size=64, sm_scale=None):
-    """Exact semantics in plain PyTorch (fp32 result): the prefill reference for one tile of T queries."""
-    T = q.shape[1]
+def reference(q, k_cache, v_cache, L, block_idx=None, block_count=None, block_size=64, sm_scale=None):
+    """Exact semantics in plain PyTorch (fp32 result): the prefill reference for one tile of T queries.
+
+    L: int or int32 [1] tensor (read on the host); block_idx, block_count None: every block of 0..L-1."""
+    T, Hkv, L = q.shape[1], k_cache.shape[0], int(L)
+    if block_idx is None:
+        n = triton.cdiv(L, block_size)
+        block_idx = torch.arange(n, dtype=torch.int32, device=q.device).expand(Hkv, 1, n)  # [Hkv, 1, n]
+        block_count = torch.full((Hkv, 1), n, dtype=torch.int32, device=q.device)  # [Hkv, 1]
     return sparse_attention.reference(q, k_cache, v_cache, L - T, block_idx, block_count,
                                       q_tile=T, block_size=block_size, sm_scale=sm_scale)
 
 
 def choose_num_splits(max_sel, n_kv_heads, target_programs):
-    """Splits per kv head so that n_kv_heads * splits ~ target_programs, at most one block per split.
+    """Splits per kv head so that n_kv_heads * splits ~ target_programs, at most max_sel.
 
-    Uses the selection capacity max_sel, not block_count, so no host sync (CUDA-graph friendly)."""
+    max_sel is a capacity (the selection width, or the cache's blocks in dense mode), not the live count,
+    so no host sync (CUDA-graph friendly)."""
     return max(1, min(max_sel, triton.cdiv(target_programs, n_kv_heads)))
 
 
-def sparse_decode(q, k_cache, v_cache, L, block_idx, block_count, block_size=64, sm_scale=None, out=None,
-                  num_splits=None, target_programs=264, block_n=64, num_warps=4, num_stages=2):
+def sparse_decode(q, k_cache, v_cache, L, block_idx=None, block_count=None, block_size=64, sm_scale=None,
+                  out=None, num_splits=None, target_programs=264, block_n=64, num_warps=4, num_stages=2):
     """Block-sparse attention of T (1..8) queries at positions L-T..L-1 (semantics: `reference`).
 
-    q [Hq, T, d]; k_cache, v_cache [Hkv, max_len, d] with keys 0..L-1 live; block_idx int32
-    [Hkv, 1, max_sel], block_count int32 [Hkv, 1]. Returns o [Hq, T, d] in q's dtype (into `out`
-    when given). num_splits defaults to choose_num_splits(max_sel, Hkv, target_programs);
-    target_programs=264 is two programs per SM on an H100. Selecting every block gives dense decode.
+    q [Hq, T, d]; k_cache, v_cache [Hkv, max_len, d] with keys 0..L-1 live. L: int, or int32 [1] tensor on
+    q's device whose value the kernels read (never the host: no sync, and a captured CUDA graph replays at
+    whatever L the tensor holds, T <= L <= max_len). block_idx int32 [Hkv, 1, max_sel], block_count int32
+    [Hkv, 1]; both None: dense, every block 0..cdiv(L, block_size)-1. Returns o [Hq, T, d] in q's dtype
+    (into `out` when given). num_splits defaults to choose_num_splits(max_sel, Hkv, target_programs), with
+    max_sel = cdiv(max_len, block_size) in dense mode; target_programs=264 is two programs per SM on an H100.
     """
     Hq, T, d = q.shape
-    Hkv = k_cache.shape[0]
-    max_sel = block_idx.shape[2]
+    Hkv, max_len = k_cache.shape[:2]
+    dense = block_idx is None
+    assert dense == (block_count is None)
     assert Hq % Hkv == 0 and d == triton.next_power_of_2(d) and block_size % block_n == 0
-    assert block_idx.shape[:2] == (Hkv, 1) and block_count.shape == (Hkv, 1) and block_idx.stride(2) == 1
-    assert T <= L <= k_cache.shape[1]
+    if dense:
+        max_sel = triton.cdiv(max_len, block_size)
+    else:
+        max_sel = block_idx.shape[2]
+        assert block_idx.shape[:2] == (Hkv, 1) and block_count.shape == (Hkv, 1) and block_idx.stride(2) == 1
+    if isinstance(L, int):
+        assert T <= L <= max_len
+        L = torch.full((1,), L, dtype=torch.int32, device=q.device)
+    assert L.shape == (1,) and L.dtype == torch.int32 and L.device == q.device
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
     G = Hq // Hkv
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
@@ -139,11 +162,11 @@ def sparse_decode(q, k_cache, v_cache, L, block_idx, block_count, block_size=64,
     m = torch.empty(Hkv, num_splits, block_m, dtype=torch.float32, device=q.device)  # partial max, log2
     l = torch.empty_like(m)  # partial denominators
     _sparse_decode_split[(Hkv, num_splits)](
-        q, k_cache, v_cache, block_idx, block_count, acc, m, l,
+        q, k_cache, v_cache, L, block_idx, block_count, acc, m, l,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_idx.stride(0), block_count.stride(0),
-        T, L, sm_scale * sparse_attention.LOG2E,
-        GROUP=G, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        0 if dense else block_idx.stride(0), 0 if dense else block_count.stride(0),
+        T, sm_scale * sparse_attention.LOG2E,
+        GROUP=G, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense,
         num_warps=num_warps, num_stages=num_stages,
     )
     _sparse_decode_reduce[(Hkv, G * T)](

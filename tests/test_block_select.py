@@ -28,11 +28,11 @@ CASES = [
 ]
 
 
-def make_inputs(Hkv, G, d, q_start, T, dtype, kernel=32, stride=16, seed=0):
+def make_inputs(Hkv, G, d, q_start, T, dtype, kernel=32, stride=16, seed=0, spare=5):
     g = torch.Generator().manual_seed(seed)
     C = num_summaries(q_start + T, kernel, stride)
     q = torch.randn(Hkv * G, T, d, generator=g).to(dtype)  # [Hq, T, d]
-    summaries = torch.full((Hkv, C + 5, d), float("nan"), dtype=dtype)  # [Hkv, max_summaries, d]
+    summaries = torch.full((Hkv, C + spare, d), float("nan"), dtype=dtype)  # [Hkv, max_summaries, d]
     summaries[:, :C] = torch.randn(Hkv, C, d, generator=g).to(dtype)  # past C: never read
     return q, summaries
 
@@ -136,3 +136,69 @@ def test_local_window_edges(window, first):
     scores = torch.full((1, 1, 5), -math.inf)  # nothing scored: exactly the forced blocks are chosen
     idx, cnt = select_blocks(scores, q_start=300, T=1, topk=1, window=window, init_blocks=0)
     assert idx[0, 0, : int(cnt)].tolist() == list(range(first, 5))
+
+
+def device_start(q_start):
+    return torch.tensor([q_start], dtype=torch.int32)  # [1]
+
+
+# (Hkv, G, d, q_start, T, q_tile, dtype, geometry): decode and verification, the device q_start's cases
+DECODE_CASES = [
+    (1, 4, 64, 1290, 1, 16, torch.float16, {}),
+    (2, 2, 64, 700, 4, 16, torch.float32, {}),
+    (1, 8, 64, 4100, 1, 64, torch.float16, {}),
+    (2, 1, 64, 3, 5, 16, torch.float16, {}),  # no summaries yet
+    (1, 2, 64, 150, 8, 16, torch.float16, dict(kernel=16, stride=8, block_size=32)),
+]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS)
+@pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo", DECODE_CASES)
+def test_device_start_equals_int(Hkv, G, d, q_start, T, q_tile, dtype, geo, tuning, monkeypatch):
+    """Sized to the capacity (300 spare summaries: more splits and blocks than live), the same bits."""
+    for name, value in TUNINGS[tuning].items():
+        monkeypatch.setattr(block_select_module, name, value)
+    kernel, stride, block_size = geo.get("kernel", 32), geo.get("stride", 16), geo.get("block_size", 64)
+    q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, kernel, stride, spare=300)
+    sel = dict(q_tile=q_tile, topk=3, window=100, **geo)
+    n_blocks = math.ceil((q_start + T) / block_size)
+    n_cap = math.ceil((summaries.shape[1] * stride + kernel - 1) / block_size)
+    ref_scores = torch.full((Hkv, 1, n_blocks), math.nan)
+    got_scores = torch.full((Hkv, 1, n_cap), math.nan)
+    ref = block_select(q, summaries, q_start, scores=ref_scores, **sel)
+    got = block_select(q, summaries, device_start(q_start), scores=got_scores, **sel)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert torch.equal(got_scores[..., :n_blocks], ref_scores) and got_scores[..., n_blocks:].isnan().all()
+
+
+class GridLog:
+    """Stands in for a kernel: notes each launch grid, then launches."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_one_device_start_many_values(monkeypatch):
+    """One start tensor rewritten between calls (as a replayed CUDA graph does): the same grids and output shapes
+    at every length, and each call selects as the int call at the length the tensor holds."""
+    grids = []
+    for name in ("_lse_kernel", "_column_kernel", "_select_kernel"):
+        monkeypatch.setattr(block_select_module, name, GridLog(getattr(block_select_module, name), grids))
+    q, summaries = make_inputs(2, 4, 64, 1535, 1, torch.float16)  # 95 live + 5 spare summaries: up to 1631 keys
+    sel = dict(q_tile=16, topk=4, window=200)
+    start = device_start(0)
+    for max_len, n_blocks in ((None, 26), (1536, 24)):
+        launches = []
+        for q_start in (1535, 10, 40, 700, 1290, 1500):
+            ref = block_select(q, summaries, q_start, **sel)
+            start.fill_(q_start)
+            grids.clear()
+            scores = torch.full((2, 1, n_blocks), math.nan)  # the capacity's width
+            got = block_select(q, summaries, start, scores=scores, max_len=max_len, **sel)
+            launches.append((grids[:], got[0].shape))
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        assert all(launch == launches[0] for launch in launches)

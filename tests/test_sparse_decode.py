@@ -102,3 +102,46 @@ def test_no_visible_key_gives_zero():
     o = run(q, k, v, 66, idx, torch.ones(1, 1, dtype=torch.int32), num_splits=2)
     assert (o[:, :2] == 0).all() and (o[:, 2:] != 0).any()
     torch.testing.assert_close(o, reference(q, k, v, 66, idx, torch.ones(1, 1, dtype=torch.int32)), **TOL[torch.float32])
+
+
+def device_length(L):
+    return torch.tensor([L], dtype=torch.int32)  # [1]
+
+
+@pytest.mark.parametrize("Hkv,G,d,T,L,max_sel,dtype", CASES)
+def test_device_length_equals_int(Hkv, G, d, T, L, max_sel, dtype):
+    gen = torch.Generator().manual_seed(L * 10 + T)
+    q, k, v = make_inputs(Hkv, G, d, T, L, dtype, gen)
+    idx, cnt = random_selection(Hkv, L, max_sel, gen)
+    for sel in ((idx, cnt), (None, None)):  # sparse, dense
+        assert torch.equal(run(q, k, v, device_length(L), *sel), run(q, k, v, L, *sel))
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("T,L", [(1, 40), (2, 130), (3, 5), (4, 200), (5, 333)])  # L < B, L % B != 0
+def test_dense_equals_reference_and_sdpa(G, T, L):
+    Hkv, d, dtype = 2, 64, torch.float32
+    gen = torch.Generator().manual_seed(G * 1000 + L)
+    q, k, v = make_inputs(Hkv, G, d, T, L, dtype, gen)
+    k, v = (torch.cat([x, x[:, -1:].expand(Hkv, 200, d)], 1) for x in (k, v))  # more splits than live blocks
+    o = run(q, k, v, device_length(L), None, None)
+    torch.testing.assert_close(o, reference(q, k, v, device_length(L)), **TOL[dtype])
+    causal = torch.arange(L)[None, :] <= L - T + torch.arange(T)[:, None]  # [T, L]
+    dense = F.scaled_dot_product_attention(q, k[:, :L], v[:, :L], attn_mask=causal, enable_gqa=True)
+    torch.testing.assert_close(o, dense, **TOL[dtype])
+
+
+def test_one_device_length_many_values():
+    """One length tensor and one output buffer, rewritten between calls (as a replayed CUDA graph does): each
+    call attends over the length the tensor holds, with the grid the cache's capacity gives."""
+    Hkv, G, d, T = 2, 2, 64, 2
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_inputs(Hkv, G, d, T, 400, torch.float32, gen)
+    idx, cnt = random_selection(Hkv, 100, 4, gen)  # blocks 0 and 1 (past L for L <= 64: masked)
+    L_dev, out = device_length(0), torch.empty_like(q)
+    for L in (400, 64, 3, 129, 250):
+        L_dev.fill_(L)
+        for sel in ((idx, cnt), (None, None)):
+            o = sparse_decode(q, k, v, L_dev, *sel, out=out)
+            assert o.data_ptr() == out.data_ptr()
+            torch.testing.assert_close(o, reference(q, k, v, L, *sel), **TOL[torch.float32])
