@@ -1,0 +1,93 @@
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
+
+import pytest
+import torch
+
+from infer.engine.config import ModelConfig, RopeConfig
+from infer.engine.model import RMSNorm
+from infer.engine.rope import Rope, apply_rope
+from infer.kernels.rope_append import reference, rope_append
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+YARN = RopeConfig(theta=1e6, type="yarn", params={"factor": 4.0, "original_max_position_embeddings": 1024})
+
+
+def make_rope(Hq, Hkv, d, rope=YARN):
+    cfg = ModelConfig(model_type="llama", vocab_size=8, hidden_size=Hq * d, intermediate_size=8, num_layers=1,
+                      num_heads=Hq, num_kv_heads=Hkv, head_dim=d, max_position_embeddings=4096, rope=rope)
+    return Rope(cfg, torch.device("cpu"))
+
+
+def setup(Hq, Hkv, d, T, dtype, max_len, seed):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * d, generator=gen).to(dtype)  # [T, (Hq + 2Hkv) d]
+    positions = torch.randperm(max_len, generator=gen)[:T]  # [T] distinct, unordered
+    k_cache = torch.full((Hkv, max_len, d), float("nan"), dtype=dtype)  # [Hkv, max_len, d]
+    return qkv, positions, k_cache, k_cache.clone()
+
+
+def check_caches(k_cache, v_cache, ref_k, ref_v, positions, dtype):
+    torch.testing.assert_close(k_cache[:, positions], ref_k[:, positions], **TOL[dtype])
+    assert torch.equal(v_cache[:, positions], ref_v[:, positions])  # v is copied
+    untouched = torch.ones(k_cache.shape[1], dtype=torch.bool)
+    untouched[positions] = False
+    assert k_cache[:, untouched].isnan().all() and v_cache[:, untouched].isnan().all()
+
+
+# (Hq, Hkv, d, T, dtype): GQA ratios 1, 2, 4; ragged T
+CASES = [(2, 2, 64, 1, torch.float32), (4, 2, 128, 9, torch.float16), (8, 2, 64, 5, torch.float16),
+         (4, 1, 128, 3, torch.float32), (6, 3, 96, 7, torch.float16)]
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("Hq, Hkv, d, T, dtype", CASES)
+def test_rope_append_matches_reference(Hq, Hkv, d, T, dtype, qk_norm):
+    rope = make_rope(Hq, Hkv, d)
+    qkv, positions, k_cache, v_cache = setup(Hq, Hkv, d, T, dtype, max_len=3000, seed=T * d + qk_norm)
+    norm_args = {}
+    if qk_norm:
+        gen = torch.Generator().manual_seed(7)
+        norm_args = dict(q_norm_weight=(1 + 0.2 * torch.randn(d, generator=gen)).to(dtype),
+                         k_norm_weight=(1 + 0.2 * torch.randn(d, generator=gen)).to(dtype), eps=1e-6)
+    args = rope.scaling(3000)  # (inv_freq [d/2], attention_factor)
+    shape = (Hq, Hkv, d)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref_q = reference(qkv, positions, *args, ref_k, ref_v, *shape, **norm_args)
+    q = rope_append(qkv, positions, *args, k_cache, v_cache, *shape, **norm_args)
+    assert q.shape == (Hq, T, d) and q.is_contiguous()
+    torch.testing.assert_close(q, ref_q, **TOL[dtype])
+    if dtype != torch.float32:
+        assert (q == ref_q).float().mean().item() > 0.98  # rounded where the reference rounds
+    check_caches(k_cache, v_cache, ref_k, ref_v, positions, dtype)
+
+    # against the engine's own code path: RMSNorm modules, Rope.cos_sin tables and apply_rope
+    heads = qkv.unflatten(1, (-1, d)).transpose(0, 1)  # [Hq + 2Hkv, T, d]
+    mq, mk = heads[:Hq], heads[Hq:Hq + Hkv]
+    if qk_norm:
+        q_norm, k_norm = RMSNorm(d, 1e-6).to(dtype), RMSNorm(d, 1e-6).to(dtype)
+        q_norm.weight.data.copy_(norm_args["q_norm_weight"])
+        k_norm.weight.data.copy_(norm_args["k_norm_weight"])
+        mq, mk = q_norm(mq), k_norm(mk)
+    cos, sin = rope.cos_sin(positions, 3000)  # [T, d]
+    torch.testing.assert_close(q, apply_rope(mq, cos, sin), **TOL[dtype])
+    torch.testing.assert_close(k_cache[:, positions], apply_rope(mk, cos, sin), **TOL[dtype])
+
+
+def test_strided_qkv_and_cache_views():
+    """qkv rows inside a wider buffer; caches as one layer of a [layers, Hkv, max_len, d] buffer; default RoPE."""
+    Hq, Hkv, d, T = 4, 2, 64, 6
+    rope = make_rope(Hq, Hkv, d, RopeConfig())
+    qkv, positions, _, _ = setup(Hq, Hkv, d, T, torch.float16, max_len=100, seed=3)
+    wide = torch.zeros(T, qkv.shape[1] + 40, dtype=torch.float16)
+    wide[:, 8:8 + qkv.shape[1]] = qkv
+    k_all = torch.full((3, Hkv, 100, d), float("nan"), dtype=torch.float16)
+    v_all = k_all.clone()
+    ref_k, ref_v = k_all[1].clone(), v_all[1].clone()
+    inv_freq, attention_factor = rope.scaling(100)
+    ref_q = reference(qkv, positions, inv_freq, attention_factor, ref_k, ref_v, Hq, Hkv, d)
+    q = rope_append(wide[:, 8:8 + qkv.shape[1]], positions, inv_freq, attention_factor, k_all[1], v_all[1], Hq, Hkv, d)
+    torch.testing.assert_close(q, ref_q, **TOL[torch.float16])
+    check_caches(k_all[1], v_all[1], ref_k, ref_v, positions, torch.float16)
+    assert k_all[[0, 2]].isnan().all() and v_all[[0, 2]].isnan().all()  # other layers untouched
