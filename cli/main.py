@@ -12,6 +12,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--max-context", type=int, help="tokens the KV cache holds (default: the model's context)")
+    p.add_argument("--eager", action="store_true", help="run decode steps eagerly instead of replaying CUDA graphs")
     g = p.add_argument_group("block-sparse attention (defaults: the model's sparse_config, else MiniCPM4's)")
     g.add_argument("--sparse", choices=("auto", "on", "off"),
                    help="auto: dense up to --dense-len tokens, sparse past it (default); on: always sparse; off: always dense")
@@ -69,7 +70,8 @@ def load_engine(args, sparse: dict | None = None):
     from infer.weights.catalogue import resolve_model
 
     return Engine(resolve_model(args.model), device=args.device, dtype=args.dtype, max_context=args.max_context,
-                  sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty(), **speculative_options(args))
+                  sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty(), cuda_graphs=not args.eager,
+                  **speculative_options(args))
 
 
 def cmd_generate(args) -> None:
@@ -118,14 +120,20 @@ def cmd_bench(args) -> None:
         return cmd_bench_attention(args)
     device = torch.device(args.device or default_device())
     dtype = parse_dtype(args.dtype, device.type)
+    from infer.engine.config import sparse_config
+
     model = bench.random_model(args.shape, device, dtype)
+    sparse = sparse_config(model.cfg.sparse, mode=args.sparse)
     bandwidth = bench.copy_bandwidth(device)
-    rows = [bench.run_prefill(model, n) for n in args.prompt_tokens]
-    rows += [bench.run_decode(model, args.gen_tokens, d) for d in args.depths]
+    rows = [bench.run_prefill(model, n, sparse) for n in args.prompt_tokens]
+    rows += [bench.run_decode(model, args.gen_tokens, d, sparse, not args.eager, width)
+             for width in [1] + args.verify for d in args.depths]
     if args.json:
         print(json.dumps([{**vars(r), "tok_per_s": r.tok_per_s} for r in rows]))
         return
-    table = Table(title=f"{args.shape} (random weights), {dtype}, {_device_name(device)}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    decode = "eager" if args.eager or device.type != "cuda" else "CUDA graphs"
+    table = Table(title=f"{args.shape} (random weights), {dtype}, {_device_name(device)}, sparse {args.sparse}, {decode}; "
+                        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for column in ("test", "depth", "tok/s", "ms/tok", "roofline tok/s", "% of roofline"):
         table.add_column(column, justify="right")
     for r in rows:
@@ -334,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-p", "--prompt-tokens", type=_int_list, default=[512], help="prefill lengths, comma-separated")
     bench.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens decoded per tg row")
     bench.add_argument("-d", "--depths", type=_int_list, default=[0], help="cached tokens before decoding, comma-separated")
+    bench.add_argument("--sparse", choices=("auto", "on", "off"), default="auto",
+                       help="block-sparse attention as in the engine (default auto: sparse past 8192 tokens)")
+    bench.add_argument("--verify", type=_int_list, default=[], metavar="WIDTHS",
+                       help="also time verification passes of these many tokens (k drafts + 1), comma-separated: vN rows count passes")
+    bench.add_argument("--eager", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
     bench.add_argument("--device")
     bench.add_argument("--dtype")
     bench.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -7,10 +7,11 @@ Triton kernels run; elsewhere their plain-torch references do.
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from infer.kernels import block_select, sparse_attention, sparse_decode
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Positions
 
 DECODE_MAX_QUERIES = 8  # up to this many queries (decode, speculative verification) use the split-K decode kernel
 
@@ -31,26 +32,30 @@ def latest_read(cache: KVCache, end: int) -> tuple[str, float]:
     return "dense", 1.0
 
 
-def attend(q: torch.Tensor, cache: KVCache, layer: int, start: int, q_score: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of queries q [Hq, T, d] at positions start..start+T-1 over cached keys 0..start+T-1.
+def attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions, q_score: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of queries q [Hq, T, d] at positions pos over the cached keys 0..pos.start+T-1.
 
     Returns [Hq, T, d]. Grouped-query heads read their shared K/V without expansion. q_score [Hq, T, d]: the
     queries that score blocks for the sparse selection when they are not q (use_nope: the queries before RoPE).
     """
     num_q = q.shape[1]
-    if not uses_sparse(cache, start + num_q):
-        return dense_attend(q, cache, layer, start)
+    if not uses_sparse(cache, pos.start + num_q):
+        return dense_attend(q, cache, layer, pos)
     if 1 < num_q <= DECODE_MAX_QUERIES:
         # Drafts under verification: each query takes the path and the blocks it would take decoded alone, so
         # speculative decoding stays lossless with sparse attention.
-        return torch.cat([attend(q[:, i:i + 1], cache, layer, start + i, None if q_score is None else q_score[:, i:i + 1])
+        return torch.cat([attend(q[:, i:i + 1], cache, layer, pos.query(i), None if q_score is None else q_score[:, i:i + 1])
                           for i in range(num_q)], 1)
-    return sparse_attend(q, cache, layer, start, q_score)
+    return sparse_attend(q, cache, layer, pos, q_score)
 
 
-def dense_attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-    num_q = q.shape[1]
+def dense_attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions) -> torch.Tensor:
+    num_q, start = q.shape[1], pos.start
     end = start + num_q
+    if q.is_cuda and num_q <= DECODE_MAX_QUERIES:  # split-K over every block, the length read on the device
+        return sparse_decode.sparse_decode(q, cache.k[layer], cache.v[layer], pos.ends[-1:], None, None)
+    if q.is_cuda and start > 0:  # a prefill chunk after cached tokens: SDPA would need a mask (its slow path)
+        return sparse_attention.sparse_attention(q, cache.k[layer], cache.v[layer], start, *_every_block(q, cache, end))
     k = cache.k[layer, :, :end]  # [Hkv, L, d]
     v = cache.v[layer, :, :end]  # [Hkv, L, d]
     mask = None
@@ -62,36 +67,47 @@ def dense_attend(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> tor
     return out[0]
 
 
-def select(q: torch.Tensor, cache: KVCache, layer: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _every_block(q: torch.Tensor, cache: KVCache, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A selection of every 64-key block up to `end` for each 64-query tile (the causal mask trims the excess)."""
+    n_tiles, n_blocks = triton.cdiv(q.shape[1], 64), triton.cdiv(end, 64)
+    num_kv_heads = cache.k.shape[1]
+    block_idx = torch.arange(n_blocks, dtype=torch.int32, device=q.device).expand(num_kv_heads, n_tiles, n_blocks)
+    block_count = torch.full((num_kv_heads, n_tiles), n_blocks, dtype=torch.int32, device=q.device)
+    return block_idx.contiguous(), block_count  # [Hkv, n_tiles, n_blocks], [Hkv, n_tiles]
+
+
+def select(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each query tile of each GQA group attends: (block_idx [Hkv, n_tiles, S], block_count [Hkv, n_tiles])."""
     s = cache.sparse
-    q_tile = s.block_size if q.shape[1] > DECODE_MAX_QUERIES else 16  # decode: all queries in one tile
+    decode = q.shape[1] <= DECODE_MAX_QUERIES
+    q_tile = 16 if decode else s.block_size  # decode: all queries in one tile
     shape = dict(kernel=s.kernel_size, stride=s.kernel_stride, block_size=s.block_size, q_tile=q_tile)
     summaries = cache.summaries[layer]  # [Hkv, C, d]
     if q.is_cuda:
+        start = pos.ids32[:1] if decode else pos.start  # decode: read on the device, launches sized to max_len
         return block_select.block_select(q, summaries, start, **shape, topk=s.topk, init_blocks=s.init_blocks,
-                                         window=s.window_size)
-    scores = block_select.reference_scores(q, summaries, start, **shape)
-    return block_select.select_blocks(scores, start, q.shape[1], s.block_size, q_tile, s.topk, s.init_blocks,
+                                         window=s.window_size, max_len=cache.max_len)
+    scores = block_select.reference_scores(q, summaries, pos.start, **shape)
+    return block_select.select_blocks(scores, pos.start, q.shape[1], s.block_size, q_tile, s.topk, s.init_blocks,
                                       s.window_size)
 
 
-def sparse_attend(q: torch.Tensor, cache: KVCache, layer: int, start: int,
+def sparse_attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions,
                   q_score: torch.Tensor | None = None) -> torch.Tensor:
     s = cache.sparse
     num_q = q.shape[1]
-    end = start + num_q
-    block_idx, block_count = select(q if q_score is None else q_score, cache, layer, start)
+    end = pos.start + num_q
+    block_idx, block_count = select(q if q_score is None else q_score, cache, layer, pos)
     cache.last_selection = (block_count, end)
     k, v = cache.k[layer], cache.v[layer]  # [Hkv, max_len, d]
     if num_q <= DECODE_MAX_QUERIES:
         if q.is_cuda:
-            return sparse_decode.sparse_decode(q, k, v, end, block_idx, block_count, block_size=s.block_size,
+            return sparse_decode.sparse_decode(q, k, v, pos.ends[-1:], block_idx, block_count, block_size=s.block_size,
                                                block_n=min(64, s.block_size))
         return sparse_decode.reference(q, k, v, end, block_idx, block_count, block_size=s.block_size).to(q.dtype)
     q_tile = s.block_size
     if q.is_cuda:
-        return sparse_attention.sparse_attention(q, k, v, start, block_idx, block_count, q_tile=q_tile,
+        return sparse_attention.sparse_attention(q, k, v, pos.start, block_idx, block_count, q_tile=q_tile,
                                                  block_size=s.block_size, block_n=min(64, s.block_size))
-    return sparse_attention.reference(q, k, v, start, block_idx, block_count, q_tile=q_tile,
+    return sparse_attention.reference(q, k, v, pos.start, block_idx, block_count, q_tile=q_tile,
                                       block_size=s.block_size).to(q.dtype)

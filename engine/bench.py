@@ -12,10 +12,14 @@ import triton
 
 from infer.kernels import block_select, pool_keys, sparse_attention, sparse_decode
 
+from .attention import uses_sparse
 from .config import ModelConfig, SparseConfig
+from .cuda_graph import graphed_decode
 from .device import synchronize
 from .errors import InferError
-from .model import Transformer
+from .generate import PREFILL_CHUNK
+from .kv_cache import Positions
+from .model import Transformer, prefill
 
 # Real model shapes (config.json subsets); the weights are random, the cost is the real one.
 NAMED_SHAPES = {
@@ -93,38 +97,49 @@ def weight_bytes(model: Transformer) -> int:
     return total - embed.numel() * embed.element_size() + embed.shape[1] * embed.element_size()  # one embedding row read
 
 
-def run_prefill(model: Transformer, length: int, repeats: int = 2) -> BenchRow:
-    cache = model.new_cache(length)
-    tokens = torch.randint(0, model.cfg.vocab_size, (length,), device=cache.k.device)
+def run_prefill(model: Transformer, length: int, sparse: SparseConfig | None = None, repeats: int = 2) -> BenchRow:
+    """Prefill `length` random tokens in the engine's chunks (the time to the first token's logits)."""
+    cache = model.new_cache(length + 1, sparse)
+    tokens = torch.randint(0, model.cfg.vocab_size, (length,)).tolist()
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up
-        cache.truncate(0)
         synchronize(cache.k.device)
         start = time.perf_counter()
-        model(tokens, cache)
+        prefill(model, cache, [], tokens, 0, PREFILL_CHUNK)
         synchronize(cache.k.device)
         best = min(best, time.perf_counter() - start)
     return BenchRow(f"pp{length}", 0, best, length)
 
 
-def run_decode(model: Transformer, steps: int, depth: int) -> BenchRow:
-    """Decode `steps` tokens after `depth` cached positions (filled with random keys and values, not prefilled)."""
-    cache = model.new_cache(depth + steps + 8)
+def run_decode(model: Transformer, steps: int, depth: int, sparse: SparseConfig | None = None, graphs: bool = True,
+               width: int = 1) -> BenchRow:
+    """`steps` forward passes of `width` tokens after `depth` cached positions (random keys and values, pooled
+    when sparse), each pass feeding the argmax of the last (no host sync between passes). width 1 is plain decoding
+    ("tgN" rows); width k+1 is the verification of k drafts ("vN" rows: passes per second, all drafts accepted)."""
+    cache = model.new_cache(depth + steps * width + 16, sparse)
     cache.k[:, :, :depth].normal_()
     cache.v[:, :, :depth].normal_()
-    token = torch.zeros(1, dtype=torch.long, device=cache.k.device)
-    for _ in range(3):  # warm up
+    written = Positions.of(0, torch.arange(depth, device=cache.k.device))
+    for layer in range(model.cfg.num_layers):
+        cache.pool(layer, written)
+    graphed = graphed_decode(model, cache, graphs)
+    step = graphed or (lambda ids: model(ids, cache, num_logits=len(ids)))
+    tokens = torch.zeros(width, dtype=torch.long, device=cache.k.device)
+    for _ in range(3):  # warm up (and capture)
         cache.length = depth
-        model(token, cache)
+        step(tokens)
     cache.length = depth
     synchronize(cache.k.device)
     start = time.perf_counter()
     for _ in range(steps):
-        token = model(token, cache)[-1].argmax().view(1)
+        tokens = step(tokens).argmax(-1)  # [width]
     synchronize(cache.k.device)
     seconds = time.perf_counter() - start
-    kv_bytes = 2 * cache.k[:, :, : depth + steps // 2].numel() * cache.k.element_size()
-    return BenchRow(f"tg{steps}", depth, seconds, steps, weight_bytes(model) + kv_bytes)
+    kv_bytes = 2 * cache.k[:, :, : depth + steps * width // 2].numel() * cache.k.element_size()
+    if sparse is not None and uses_sparse(cache, depth + 1):  # the selected blocks, and every summary for scoring
+        kv_bytes = kv_bytes * min(1.0, sparse.topk * sparse.block_size / (depth + 1)) + kv_bytes / (2 * sparse.kernel_stride)
+    test = f"tg{steps}" if width == 1 else f"v{width}"
+    return BenchRow(test, depth, seconds, steps, weight_bytes(model) + kv_bytes)
 
 
 # --- `infer bench --attention`: one attention layer, dense torch SDPA vs our block-sparse kernels (CUDA) ---

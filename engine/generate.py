@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .attention import latest_read
+from .attention import DECODE_MAX_QUERIES, latest_read
 from .config import sparse_config
+from .cuda_graph import graphed_decode
 from .device import default_device, parse_dtype, synchronize
 from .errors import InferError
 from .sampling import Sampler, SamplingParams, generation_defaults
@@ -77,9 +78,10 @@ class Engine:
     def __init__(self, model_dir: Path, device: str | None = None, dtype: str | None = None,
                  max_context: int | None = None, sparse: dict | None = None, progress: bool = True,
                  draft: Path | None = None, lookup: bool | None = None, fr_spec: int | None = None,
-                 max_draft: int = MAX_DRAFT):
+                 max_draft: int = MAX_DRAFT, cuda_graphs: bool = True):
         """sparse: overrides of the model's sparse_config (mode, topk, block_size, window_size, dense_len, ...).
-        draft, lookup, fr_spec, max_draft: speculative decoding, see speculative.SpeculativeConfig."""
+        draft, lookup, fr_spec, max_draft: speculative decoding, see speculative.SpeculativeConfig.
+        cuda_graphs: replay decode steps from CUDA graphs (on CUDA; False runs them eagerly)."""
         speculative = SpeculativeConfig(draft, lookup, fr_spec, max_draft)
         device = device or default_device()
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -92,6 +94,7 @@ class Engine:
         self.max_len = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.sparse = sparse_config(cfg.sparse, **(sparse or {}))  # None: dense attention only
         self.cache = self.model.new_cache(self.max_len, self.sparse)
+        self.graphs = graphed_decode(self.model, self.cache, cuda_graphs)
         self.tokens: list[int] = []  # the tokens whose keys and values the cache holds, in order
         self.defaults = generation_defaults(model_dir)
         self.eos_ids = set(cfg.eos_token_ids)
@@ -101,7 +104,7 @@ class Engine:
         self.speculator = None
         if speculative.enabled:
             drafter = DraftModel(draft, self.tokenizer, cfg.vocab_size, self.device, dtype, self.max_len, PREFILL_CHUNK,
-                                 progress) if draft is not None else None
+                                 progress, cuda_graphs) if draft is not None else None
             self.speculator = Speculator(speculative, drafter, self.eos_ids)
 
     def sampling_params(self, **overrides) -> SamplingParams:
@@ -188,7 +191,10 @@ class Engine:
             drafts, q = self.speculator.propose(self.tokens + [token], self.max_len - 2 - len(self.tokens), sampler)
             self.stats.draft_seconds += time.perf_counter() - start
         ids = torch.tensor([token] + drafts, device=self.device)
-        logits = self.model(ids, self.cache, num_logits=len(ids))  # [k+1, V]
+        if self.graphs is not None and len(ids) <= DECODE_MAX_QUERIES:
+            logits = self.graphs(ids)  # [k+1, V]
+        else:
+            logits = self.model(ids, self.cache, num_logits=len(ids))  # [k+1, V]
         accepted, following = verify(logits, drafts, q, sampler, history)
         self.cache.truncate(len(self.tokens) + 1 + accepted)  # roll back the rejected drafts
         self.tokens += [token] + drafts[:accepted]

@@ -7,12 +7,35 @@ the keys before RoPE: the cached (rotated) keys of each new window are rotated b
 holds one copy of the keys.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from infer.kernels import pool_keys
 
 from .config import SparseConfig
 from .rope import Rope, unapply_rope
+
+
+@dataclass
+class Positions:
+    """Where the T tokens of one forward pass sit. `start` (a host int) picks the attention path and sizes the
+    prefill launches; on CUDA, decode-sized passes take every position from the device tensors, so a CUDA graph
+    captured at one position replays correctly at another."""
+
+    start: int  # = ids[0]
+    ids: torch.Tensor  # [T] int64 absolute positions
+    ids32: torch.Tensor  # [T] int32, for the kernels
+    ends: torch.Tensor  # [T] int32: the keys visible to each query, ids + 1
+
+    @classmethod
+    def of(cls, start: int, ids: torch.Tensor) -> "Positions":
+        ids32 = ids.int()
+        return cls(start, ids, ids32, ids32 + 1)
+
+    def query(self, i: int) -> "Positions":
+        """The positions of query i alone."""
+        return Positions(self.start + i, self.ids[i:i + 1], self.ids32[i:i + 1], self.ends[i:i + 1])
 
 
 class KVCache:
@@ -31,24 +54,24 @@ class KVCache:
             max_summaries = max(1, pool_keys.num_summaries(max_len, sparse.kernel_size, sparse.kernel_stride))
             self.summaries = torch.empty(num_layers, num_kv_heads, max_summaries, head_dim, dtype=dtype, device=device)  # [layers, Hkv, C, d]
 
-    def append(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [Hkv, T, d] at positions start..start+T-1 of one layer; pool the windows they complete."""
-        end = start + k.shape[1]
-        self.k[layer, :, start:end] = k
-        self.v[layer, :, start:end] = v
+    def pool(self, layer: int, pos: Positions) -> None:
+        """Pool the windows that the keys just written at `pos` complete (one layer; no-op without sparse)."""
         if self.sparse is None:
             return
         kernel, stride = self.sparse.kernel_size, self.sparse.kernel_stride
-        first, last = pool_keys.num_summaries(start, kernel, stride), pool_keys.num_summaries(end, kernel, stride)
+        num_new = pos.ids.shape[0]
+        if self.k.is_cuda and not self.sparse.use_nope:  # lengths read on the device: capturable
+            pool_keys.pool_new_windows(self.k[layer], self.summaries[layer], pos.ends[-1:], num_new, kernel, stride)
+            return
+        end = pos.start + num_new
+        first, last = pool_keys.num_summaries(pos.start, kernel, stride), pool_keys.num_summaries(end, kernel, stride)
         if last <= first:
             return
         if self.sparse.use_nope:
             lo, hi = first * stride, (last - 1) * stride + kernel  # the keys of the new windows
-            cos, sin = self.rope.cos_sin(torch.arange(lo, hi, device=k.device))  # [hi - lo, d]
+            cos, sin = self.rope.cos_sin(torch.arange(lo, hi, device=self.k.device), end)  # [hi - lo, d]
             keys = unapply_rope(self.k[layer, :, lo:hi], cos, sin)  # [Hkv, hi - lo, d] fp32, before RoPE
             self.summaries[layer, :, first:last] = pool_keys.reference(keys, 0, last - first, kernel, stride)
-        elif k.is_cuda:
-            pool_keys.pool_keys(self.k[layer], self.summaries[layer], first, last, kernel, stride)
         else:
             self.summaries[layer, :, first:last] = pool_keys.reference(self.k[layer], first, last, kernel, stride)
 

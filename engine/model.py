@@ -4,13 +4,14 @@ Parameter names equal the Hugging Face checkpoint names without the leading "mod
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from infer.kernels import activation, norm, rope_append
 
 from .attention import attend
 from .config import ModelConfig, SparseConfig
-from .kv_cache import KVCache
-from .rope import Rope, apply_rope
+from .kv_cache import KVCache, Positions
+from .rope import Rope
 
 
 class RMSNorm(nn.Module):
@@ -19,13 +20,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, residual_scale: float = 1.0):
+        """norm(x) [T, dim]; with a residual: h = residual + x * residual_scale and (norm(h), h)."""
+        rms_norm = norm.rms_norm if x.is_cuda else norm.reference
+        return rms_norm(x, self.weight, self.eps, residual, residual_scale)
+
+
+def _fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the outputs of `linears` side by side (one weight read, one launch)."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
 
 
 class Attention(nn.Module):
+    """Parameters as in the checkpoint (q_proj, k_proj, v_proj); `fuse` joins the three into qkv_proj."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, bias = cfg.head_dim, cfg.attention_bias
@@ -34,33 +48,51 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+    def fuse(self) -> None:
+        self.qkv_proj = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, pos: Positions, rope: tuple[torch.Tensor, float], cache: KVCache,
+                layer: int) -> torch.Tensor:
         num_tokens = x.shape[0]  # x [T, hidden]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)  # [Hq, T, d]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)  # [Hkv, T, d]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)  # [Hkv, T, d]
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q_nope = q if cache.sparse is not None and cache.sparse.use_nope else None  # scores blocks before RoPE
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.append(layer, start, k, v)
-        out = attend(q, cache, layer, start, q_nope)  # [Hq, T, d]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) d]
+        qk_norms = {} if self.q_norm is None else dict(
+            q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps)
+        # q [Hq, T, d] rotated; k rotated and v written into the cache at pos
+        rope_append_fn = rope_append.rope_append if x.is_cuda else rope_append.reference
+        q = rope_append_fn(qkv, pos.ids, *rope, cache.k[layer], cache.v[layer], self.num_heads, self.num_kv_heads,
+                           self.head_dim, **qk_norms)
+        cache.pool(layer, pos)
+        q_score = None
+        if cache.sparse is not None and cache.sparse.use_nope:  # blocks are scored with the queries before RoPE
+            q_score = qkv[:, :self.num_heads * self.head_dim].reshape(num_tokens * self.num_heads, self.head_dim)
+            if self.q_norm is not None:
+                q_score = self.q_norm(q_score)
+            q_score = q_score.view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)  # [Hq, T, d]
+        out = attend(q, cache, layer, pos, q_score)  # [Hq, T, d]
         return self.o_proj(out.transpose(0, 1).reshape(num_tokens, -1))
 
 
 class MLP(nn.Module):
+    """Parameters as in the checkpoint (gate_proj, up_proj, down_proj); `fuse` joins gate and up into gate_up_proj."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def fuse(self) -> None:
+        self.gate_up_proj = _fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        silu_mul = activation.silu_mul if x.is_cuda else activation.reference
+        return self.down_proj(silu_mul(gate_up))  # silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -72,9 +104,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.residual_scale = cfg.residual_scale
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start) * self.residual_scale
-        return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, pos: Positions, rope: tuple[torch.Tensor, float],
+                cache: KVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output, not yet added to the residual stream (None before the first layer:
+        then x is the stream). Returns this layer's MLP output and the stream before it."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual, self.residual_scale)
+        h = self.self_attn(h, pos, rope, cache, layer)
+        h, residual = self.post_attention_layernorm(h, residual, self.residual_scale)
+        return self.mlp(h), residual
 
 
 class Transformer(nn.Module):
@@ -88,12 +128,16 @@ class Transformer(nn.Module):
         self.rope: Rope | None = None  # set by `setup` once the weights are on their device
 
     def setup(self, device: torch.device) -> None:
-        """Finish construction on `device`: rope tables and tied embeddings."""
+        """Finish construction on `device` once the checkpoint's weights are in: rope tables, tied embeddings, and the
+        q/k/v and gate/up projections fused (one weight read each per token)."""
         self.rope = Rope(self.cfg, device)
         if device.type == "cuda":  # cuDNN SDPA rebuilds its graph for every new length: 1.7 ms of host time per call
             torch.backends.cuda.enable_cudnn_sdp(False)
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def new_cache(self, max_len: int, sparse: SparseConfig | None = None) -> KVCache:
         w = self.embed_tokens.weight
@@ -101,17 +145,23 @@ class Transformer(nn.Module):
                        self.rope)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1) -> torch.Tensor:
-        """Run tokens [T] at positions cache.length.. and return logits [num_logits, vocab] (float32) of the last ones."""
-        start = cache.length
-        positions = torch.arange(start, start + tokens.shape[0], device=tokens.device)
-        cos, sin = self.rope.cos_sin(positions)  # [T, d]
-        x = self.embed_tokens(tokens) * self.cfg.scale_emb  # [T, hidden]
+    def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Run tokens [T] at positions cache.length.. and return logits [num_logits, vocab] (float32) of the last ones.
+
+        positions [T] int64: those positions as a device tensor (default: made here). A CUDA graph of a decode-sized
+        pass passes its own buffer and replays at other positions (see Positions)."""
+        start, num_tokens = cache.length, tokens.shape[0]
+        if positions is None:
+            positions = torch.arange(start, start + num_tokens, device=tokens.device)
+        pos = Positions.of(start, positions)
+        rope = self.rope.scaling(start + num_tokens)
+        x, residual = self.embed_tokens(tokens) * self.cfg.scale_emb, None  # [T, hidden]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start)
-        cache.length = start + tokens.shape[0]
-        x = self.norm(x[-num_logits:]) * self.cfg.logit_scale
-        return self.lm_head(x).float()
+            x, residual = layer(x, residual, pos, rope, cache, i)
+        cache.length = start + num_tokens
+        x, _ = self.norm(x[-num_logits:], residual[-num_logits:], self.cfg.residual_scale)
+        return self.lm_head(x * self.cfg.logit_scale).float()
 
 
 def reusable_prefix(cached: list[int], tokens: list[int]) -> int:

@@ -8,14 +8,31 @@ from .config import ModelConfig
 
 
 class Rope:
-    """Computes cos/sin for absolute positions; `dynamic` and `longrope` depend on the sequence length so far."""
+    """The rotary frequencies of a model. `longrope` switches from its short to its long factors past the original
+    context; `dynamic` rescales for every length beyond max_position_embeddings (which the engine never exceeds;
+    the model supports it for parity with Hugging Face). Otherwise they are fixed."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device):
         self.cfg = cfg
         self.device = device
         self.dim = cfg.head_dim
         self.base_inv_freq = 1.0 / (cfg.rope.theta ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
-        self.inv_freq, self.attention_factor = self._scaled(cfg.max_position_embeddings)
+        self.variants = [self._scaled(cfg.max_position_embeddings)]  # [(inv_freq [d/2], attention_factor)]
+        if cfg.rope.type == "longrope":
+            self.variants.insert(0, self._scaled(cfg.rope.params["original_max_position_embeddings"]))
+
+    def variant(self, seq_len: int) -> int:
+        """Which frequencies a sequence of seq_len tokens uses (an index into self.variants)."""
+        if self.cfg.rope.type == "longrope":
+            return int(seq_len > self.cfg.rope.params["original_max_position_embeddings"])
+        if self.cfg.rope.type == "dynamic" and seq_len > self.cfg.max_position_embeddings:
+            return seq_len  # not in self.variants: computed per call
+        return 0
+
+    def scaling(self, seq_len: int) -> tuple[torch.Tensor, float]:
+        """(inv_freq [d/2] float32, attention_factor) for a sequence of seq_len tokens."""
+        variant = self.variant(seq_len)
+        return self.variants[variant] if variant < len(self.variants) else self._scaled(seq_len)
 
     def _scaled(self, seq_len: int) -> tuple[torch.Tensor, float]:
         p, max_pos, inv_freq = self.cfg.rope.params, self.cfg.max_position_embeddings, self.base_inv_freq
@@ -40,14 +57,16 @@ class Rope:
             return inv_freq / torch.tensor(ext, dtype=torch.float32, device=self.device), attention_factor
         return inv_freq, 1.0
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int64 -> cos, sin [T, head_dim] float32."""
-        inv_freq = self.inv_freq
-        if self.cfg.rope.type in ("dynamic", "longrope"):
-            inv_freq, _ = self._scaled(int(positions.max()) + 1)
-        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [T, d]
-        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+    def cos_sin(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] int64 of a sequence of seq_len tokens -> cos, sin [T, head_dim] float32."""
+        return cos_sin(positions, *self.scaling(seq_len))
+
+
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] int64 -> cos, sin [T, head_dim] float32 (rotate-half layout: the d/2 frequencies twice)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [T, d]
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

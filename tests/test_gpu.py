@@ -213,6 +213,84 @@ def test_sparse_decode_all_blocks_is_sdpa(Hkv, G, d, L, T):
     assert rel_err(out, sdpa_causal(q, k, v, L - T)) < 1e-2
 
 
+def device_int(x):
+    return torch.tensor([x], dtype=torch.int32, device=DEVICE)  # [1]
+
+
+@pytest.mark.parametrize("Hkv, G, d, L, T", DECODE_CASES)
+def test_sparse_decode_device_length(Hkv, G, d, L, T):
+    """A device L gives the int L's bits, sparse and dense; dense (no selection) is causal SDPA."""
+    from infer.kernels.sparse_decode import reference, sparse_decode
+
+    gen = torch.Generator().manual_seed(6)
+    q = randn(Hkv * G, T, d, gen=gen)
+    k, v = kv_cache(Hkv, L, d, gen, extra=300)  # dense: more splits than live blocks
+    idx, cnt = random_selection(Hkv, T, L - T, T, 64, gen)
+    for sel in ((idx, cnt), (None, None)):
+        assert torch.equal(sparse_decode(q, k, v, device_int(L), *sel), sparse_decode(q, k, v, L, *sel))
+    dense = sparse_decode(q, k, v, device_int(L))
+    assert rel_err(dense, sdpa_causal(q, k, v, L - T)) < 1e-2
+    assert rel_err(dense, reference(q, k, v, L)) < 1e-2
+
+
+@pytest.mark.parametrize("Hkv, G, d, q_start, T", [(8, 4, 128, 30000, 1), (1, 8, 128, 9000, 1), (4, 4, 128, 5000, 4),
+                                                    (2, 2, 64, 10, 3)])
+def test_block_select_device_start(Hkv, G, d, q_start, T):
+    """A device q_start (everything sized to the summaries' capacity) gives the int q_start's bits."""
+    from infer.kernels.block_select import block_select
+    from infer.kernels.pool_keys import num_summaries
+
+    gen = torch.Generator().manual_seed(7)
+    C, C_cap = num_summaries(q_start + T), num_summaries(q_start + T + 3000)
+    q = randn(Hkv * G, T, d, gen=gen)
+    summaries = torch.full((Hkv, C_cap, d), float("nan"), dtype=DTYPE, device=DEVICE)
+    summaries[:, :C] = randn(Hkv, C, d, gen=gen)
+    n_blocks, n_cap = -(-(q_start + T) // B), -(-(C_cap * 16 + 31) // B)
+    ref_scores = torch.full((Hkv, 1, n_blocks), float("nan"), device=DEVICE)
+    got_scores = torch.full((Hkv, 1, n_cap), float("nan"), device=DEVICE)
+    sel = dict(q_tile=16, **SMALL)
+    ri, rc = block_select(q, summaries, q_start, scores=ref_scores, **sel)
+    gi, gc = block_select(q, summaries, device_int(q_start), scores=got_scores, **sel)
+    assert torch.equal(gi, ri) and torch.equal(gc, rc)
+    assert torch.equal(got_scores[..., :n_blocks], ref_scores)
+
+
+def test_decode_cuda_graph_replays_at_new_lengths():
+    """Selection, sparse and dense decode with device lengths, captured once in a CUDA graph and replayed at other
+    lengths: the eager int-length calls' bits."""
+    from infer.kernels.block_select import block_select
+    from infer.kernels.pool_keys import num_summaries, reference
+    from infer.kernels.sparse_decode import sparse_decode
+
+    Hkv, G, d, T, max_len = 8, 4, 128, 1, 16384
+    gen = torch.Generator().manual_seed(8)
+    q = randn(Hkv * G, T, d, gen=gen)
+    k, v = randn(Hkv, max_len, d, gen=gen), randn(Hkv, max_len, d, gen=gen)
+    summaries = reference(k, 0, num_summaries(max_len))  # [Hkv, C, d]
+    sel = dict(q_tile=16, topk=16, window=512)
+    L, start = device_int(1000), device_int(1000 - T)
+
+    def decode():
+        idx, cnt = block_select(q, summaries, start, max_len=max_len, **sel)
+        return idx, cnt, sparse_decode(q, k, v, L, idx, cnt), sparse_decode(q, k, v, L)
+
+    side = torch.cuda.Stream()  # compile and warm up outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = decode()
+    for n in (1000, 64, 5000, 16383, 2049):
+        L.fill_(n)
+        start.fill_(n - T)
+        graph.replay()
+        idx, cnt = block_select(q, summaries, n - T, **sel)
+        want = (idx, cnt, sparse_decode(q, k, v, n, idx, cnt), sparse_decode(q, k, v, n))
+        assert all(torch.equal(got, ref) for got, ref in zip(outs, want)), n
+
+
 def test_bench_attention_checks():
     """The checks of `infer bench --attention --check` pass (top-k has work to do at L = 4096 with this config)."""
     from infer.engine.bench import attention_checks
@@ -240,3 +318,93 @@ def test_demo_model_bf16_greedy_on_cuda_follows_cpu_fp32(smollm2):
                     min(map(len, answers.values())))
         print(f"matching prefix: {same} of {len(answers['cpu'])} tokens for {prompt!r}")
         assert same >= min(8, len(answers["cpu"]))
+
+
+def mostly_equal(got, ref, frac=0.99):
+    """bf16 results rounded where the reference rounds: all but rare 1-ulp flips are bit-equal."""
+    return (got == ref).float().mean().item() > frac
+
+
+@pytest.mark.parametrize("T, hidden, scale", [(1, 4096, None), (7, 576, None), (3, 8192, 1.0), (9, 576, 0.3)])
+def test_rms_norm(T, hidden, scale):
+    from infer.kernels.norm import reference, rms_norm
+
+    gen = torch.Generator().manual_seed(6)
+    x, w, r = randn(T, hidden, gen=gen), 1 + 0.1 * randn(hidden, gen=gen), 4 * randn(T, hidden, gen=gen)
+    if scale is None:
+        got, ref = rms_norm(x, w, 1e-6), reference(x, w, 1e-6)
+    else:
+        (got, h), (ref, ref_h) = rms_norm(x, w, 1e-6, r, scale), reference(x, w, 1e-6, r, scale)
+        assert rel_err(h, ref_h) < 1e-2 and mostly_equal(h, ref_h)  # the kernel may fuse x * scale + r (FMA)
+        if scale == 1.0:
+            assert torch.equal(h, ref_h) and torch.equal(h, r + x)  # exact multiply: the model's two roundings agree
+    assert rel_err(got, ref) < 1e-2 and mostly_equal(got, ref)
+
+
+@pytest.mark.parametrize("T, I", [(1, 14336), (5, 1536), (9, 4864)])
+def test_silu_mul(T, I):
+    from infer.kernels.activation import reference, silu_mul
+
+    gen = torch.Generator().manual_seed(7)
+    gate_up = 3 * randn(T, 2 * I, gen=gen)
+    got, ref = silu_mul(gate_up), reference(gate_up)
+    assert rel_err(got, ref) < 1e-2 and mostly_equal(got, ref)
+
+
+def rope_inputs(Hq, Hkv, d, T, max_len, gen):
+    """qkv [T, (Hq + 2Hkv) d], distinct random positions [T] reaching far (cos/sin of large arguments), inv_freq of
+    theta 1e6, NaN caches [Hkv, max_len, d]."""
+    qkv = randn(T, (Hq + 2 * Hkv) * d, gen=gen)
+    positions = torch.cat([torch.tensor([max_len - 1]), torch.randperm(max_len - 1, generator=gen)[:T - 1]]).to(DEVICE)
+    inv_freq = (1.0 / 1e6 ** (torch.arange(0, d, 2).float() / d)).to(DEVICE)
+    k_cache = torch.full((Hkv, max_len, d), float("nan"), dtype=DTYPE, device=DEVICE)
+    return qkv, positions, inv_freq, k_cache, k_cache.clone()
+
+
+@pytest.mark.parametrize("Hq, Hkv, d, T, qk_norm", [(32, 8, 128, 1, False), (14, 2, 64, 9, False),
+                                                    (16, 8, 128, 4, True), (8, 8, 64, 3, True)])
+def test_rope_append(Hq, Hkv, d, T, qk_norm):
+    from infer.kernels.rope_append import reference, rope_append
+
+    gen = torch.Generator().manual_seed(8)
+    qkv, positions, inv_freq, k_cache, v_cache = rope_inputs(Hq, Hkv, d, T, 131072, gen)
+    norms = dict(q_norm_weight=1 + 0.2 * randn(d, gen=gen), k_norm_weight=1 + 0.2 * randn(d, gen=gen),
+                 eps=1e-6) if qk_norm else {}
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    args = (Hq, Hkv, d)
+    ref_q = reference(qkv, positions, inv_freq, 1.2, ref_k, ref_v, *args, **norms)
+    q = rope_append(qkv, positions, inv_freq, 1.2, k_cache, v_cache, *args, **norms)
+    assert rel_err(q, ref_q) < 1e-2 and mostly_equal(q, ref_q)
+    got_k, want_k = k_cache[:, positions], ref_k[:, positions]
+    assert rel_err(got_k, want_k) < 1e-2 and mostly_equal(got_k, want_k)
+    assert torch.equal(v_cache[:, positions], ref_v[:, positions])
+    assert k_cache.isnan().sum() == ref_k.isnan().sum()  # nothing else written
+
+
+def test_rope_append_cuda_graph_replays_at_new_positions():
+    from infer.kernels.rope_append import reference, rope_append
+
+    Hq, Hkv, d, T, max_len = 8, 2, 128, 3, 5000
+    gen = torch.Generator().manual_seed(9)
+    qkv, positions, inv_freq, k_cache, v_cache = rope_inputs(Hq, Hkv, d, T, max_len, gen)
+    args = (inv_freq, 1.0, k_cache, v_cache, Hq, Hkv, d)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the capture
+        rope_append(qkv, positions, *args)
+    torch.cuda.current_stream().wait_stream(side)
+    k_cache.fill_(float("nan"))
+    v_cache.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q = rope_append(qkv, positions, *args)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()  # as the capture left them
+    for new in ([10, 11, 12], [4999, 0, 2500], [700, 3, 4096]):
+        qkv.copy_(randn(*qkv.shape, gen=gen))
+        positions.copy_(torch.tensor(new))
+        graph.replay()
+        ref_q = reference(qkv, positions, inv_freq, 1.0, ref_k, ref_v, Hq, Hkv, d)
+        assert rel_err(q, ref_q) < 1e-2 and mostly_equal(q, ref_q)
+    torch.testing.assert_close(k_cache, ref_k, equal_nan=True, rtol=1e-2, atol=1e-2)
+    assert torch.equal(v_cache.nan_to_num(), ref_v.nan_to_num())  # only the replayed positions were written
+    assert k_cache.isnan().sum() == ref_k.isnan().sum()

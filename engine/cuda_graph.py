@@ -1,0 +1,76 @@
+"""CUDA graphs of the decode-sized forward passes (one token, or a token and its drafts under verification).
+
+Eager decoding is bound by the host: hundreds of kernel launches per token. A graph launches them all at once.
+Each pass is captured on first use for its key (token count, attention path of each query, rope variant), then
+replayed with the tokens and the start position copied into static buffers; every kernel of the pass reads
+positions from device tensors (see kv_cache.Positions), so one graph serves every position on the same path.
+"""
+
+import torch
+
+from .attention import DECODE_MAX_QUERIES, uses_sparse
+from .kv_cache import KVCache
+from .model import Transformer
+
+
+class GraphedDecode:
+    """model(tokens, cache, num_logits=len(tokens)) for len(tokens) <= DECODE_MAX_QUERIES, replayed from graphs."""
+
+    def __init__(self, model: Transformer, cache: KVCache):
+        self.model, self.cache = model, cache
+        device = cache.k.device
+        self.tokens = torch.zeros(DECODE_MAX_QUERIES, dtype=torch.long, device=device)  # [T_max] static input
+        self.start = torch.zeros(1, dtype=torch.long, device=device)  # position of tokens[0]
+        self.offsets = torch.arange(DECODE_MAX_QUERIES, device=device)  # [T_max]
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
+        self.memory = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
+
+    def clear(self) -> None:
+        """Forget the graphs (they hold the weights they were captured with: call after swapping a weight)."""
+        self.graphs.clear()
+
+    def key(self, num_tokens: int) -> tuple:
+        """What the host decides in a pass at the cache's current length: a graph is valid for one key."""
+        start = self.cache.length
+        paths = tuple(uses_sparse(self.cache, start + i + 1) for i in range(num_tokens))
+        return num_tokens, paths, self.model.rope.variant(start + num_tokens)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [T, V] (float32) of tokens [T] at positions cache.length..; overwritten by the next call."""
+        num_tokens, start = tokens.shape[0], self.cache.length
+        assert num_tokens <= DECODE_MAX_QUERIES
+        self.tokens[:num_tokens].copy_(tokens, non_blocking=True)
+        self.start.fill_(start)
+        key = self.key(num_tokens)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(num_tokens)
+        graph, logits, selection = self.graphs[key]
+        graph.replay()
+        self.cache.length = start + num_tokens
+        self.cache.last_selection = selection  # the buffers this graph's last sparse call writes (stats)
+        return logits
+
+    def _pass(self, num_tokens: int) -> torch.Tensor:
+        positions = self.start + self.offsets[:num_tokens]  # [T]
+        return self.model(self.tokens[:num_tokens], self.cache, num_logits=num_tokens, positions=positions)
+
+    def _capture(self, num_tokens: int):
+        start = self.cache.length
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture: compiles the Triton kernels, sets up cuBLAS
+            self._pass(num_tokens)  # writes this pass's keys and values, which the replay rewrites identically
+            self.cache.length = start
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.memory):
+            logits = self._pass(num_tokens)
+        self.cache.length = start
+        return graph, logits, self.cache.last_selection
+
+
+def graphed_decode(model: Transformer, cache: KVCache, enabled: bool = True) -> GraphedDecode | None:
+    """Graphs for the decode passes over `cache`, or None where they do not apply (not CUDA, disabled, use_nope)."""
+    if not enabled or not cache.k.is_cuda or (cache.sparse is not None and cache.sparse.use_nope):
+        return None
+    return GraphedDecode(model, cache)

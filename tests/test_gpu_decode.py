@@ -1,0 +1,85 @@
+"""The whole model's decode passes on a CUDA GPU: replayed from CUDA graphs they equal eager passes, and cached
+decoding equals one forward over everything (dense and block-sparse). Skipped without CUDA; run on its own like
+tests/test_gpu.py (the CPU kernel tests set TRITON_INTERPRET=1)."""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SPARSE = {  # small block counts so that the selection matters at a few hundred tokens
+    "dense": None,
+    "sparse": dict(mode="on", topk=4, window_size=128),
+    "auto": dict(mode="auto", dense_len=300, topk=4, window_size=128),  # crosses from dense to sparse mid-decode
+}
+WIDTHS = [1, 1, 3, 1, 5, 1, 1, 8, 2] * 5  # decode steps and verification passes of k drafts + 1
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 (set by the CPU kernel tests): run this file on its own")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from infer.engine import bench
+
+    return bench.random_model("smollm2-135m", torch.device("cuda"), torch.bfloat16)
+
+
+def passes(model, sparse, graphs: bool, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [len(tokens), V] of `tokens` fed after `prompt` in passes of WIDTHS tokens."""
+    from infer.engine.config import sparse_config
+    from infer.engine.cuda_graph import GraphedDecode
+
+    cache = model.new_cache(1024, sparse_config(None, **sparse) if sparse else None)
+    model(prompt, cache)
+    step = GraphedDecode(model, cache) if graphs else (lambda ids: model(ids, cache, num_logits=len(ids)))
+    out, begin = [], 0
+    for width in WIDTHS:
+        out.append(step(tokens[begin:begin + width]).clone())
+        begin += width
+    assert cache.length == len(prompt) + begin
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_graph_replays_equal_eager_passes(model, name):
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.cfg.vocab_size, (250,), generator=gen).cuda()
+    tokens = torch.randint(0, model.cfg.vocab_size, (sum(WIDTHS),), generator=gen).cuda()
+    eager = passes(model, SPARSE[name], False, prompt, tokens)
+    graphed = passes(model, SPARSE[name], True, prompt, tokens)
+    assert torch.equal(graphed.argmax(-1), eager.argmax(-1))
+    assert (graphed - eager).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["dense", "sparse"])
+def test_graphed_decoding_equals_one_forward(model, name):
+    """Decode passes (split-K kernels, lengths on the device) against one prefill pass (SDPA / block-sparse prefill).
+    With sparse on, the prefill selects per 64-query tile and decode per query, so only the window-only part
+    (first 128 + 64 positions) must agree there; dense must agree everywhere."""
+    from infer.engine.config import sparse_config
+
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.cfg.vocab_size, (sum(WIDTHS) + 20,), generator=gen).cuda()
+    stepped = passes(model, SPARSE[name], True, tokens[:20], tokens[20:])
+    cache = model.new_cache(1024, sparse_config(None, **SPARSE[name]) if SPARSE[name] else None)
+    full = model(tokens, cache, num_logits=len(tokens))[20:]
+    n = len(stepped) if name == "dense" else 128 + 64 - 20
+    err = ((stepped[:n] - full[:n]).norm() / full[:n].norm()).item()
+    assert err < 2e-2, err
+
+
+def test_chunked_dense_prefill_equals_one_pass(model):
+    """Prefill chunks after cached tokens attend through the block kernel with every block selected."""
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, model.cfg.vocab_size, (700,), generator=gen).cuda()
+    one = model(tokens, model.new_cache(1024), num_logits=700)
+    cache = model.new_cache(1024)
+    chunked = torch.cat([model(tokens[:300], cache, num_logits=300), model(tokens[300:], cache, num_logits=400)])
+    err = ((chunked - one).norm() / one.norm()).item()
+    assert err < 2e-2, err
