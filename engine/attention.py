@@ -55,7 +55,8 @@ def dense_attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions) ->
     if q.is_cuda and num_q <= DECODE_MAX_QUERIES:  # split-K over every block, the length read on the device
         return sparse_decode.sparse_decode(q, cache.k[layer], cache.v[layer], pos.ends[-1:], None, None)
     if q.is_cuda and start > 0:  # a prefill chunk after cached tokens: SDPA would need a mask (its slow path)
-        return sparse_attention.sparse_attention(q, cache.k[layer], cache.v[layer], start, *_every_block(q, cache, end))
+        selection = sparse_attention.every_block(cache.k.shape[1], triton.cdiv(num_q, 64), end, 64, q.device)
+        return sparse_attention.sparse_attention(q, cache.k[layer], cache.v[layer], start, *selection)
     k = cache.k[layer, :, :end]  # [Hkv, L, d]
     v = cache.v[layer, :, :end]  # [Hkv, L, d]
     mask = None
@@ -65,15 +66,6 @@ def dense_attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions) ->
         q[None], k[None], v[None], attn_mask=mask, is_causal=num_q > 1 and start == 0, enable_gqa=True
     )
     return out[0]
-
-
-def _every_block(q: torch.Tensor, cache: KVCache, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A selection of every 64-key block up to `end` for each 64-query tile (the causal mask trims the excess)."""
-    n_tiles, n_blocks = triton.cdiv(q.shape[1], 64), triton.cdiv(end, 64)
-    num_kv_heads = cache.k.shape[1]
-    block_idx = torch.arange(n_blocks, dtype=torch.int32, device=q.device).expand(num_kv_heads, n_tiles, n_blocks)
-    block_count = torch.full((num_kv_heads, n_tiles), n_blocks, dtype=torch.int32, device=q.device)
-    return block_idx.contiguous(), block_count  # [Hkv, n_tiles, n_blocks], [Hkv, n_tiles]
 
 
 def select(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:

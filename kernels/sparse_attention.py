@@ -77,6 +77,15 @@ def _sparse_attn_fwd(
              o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+def every_block(num_kv_heads, n_tiles, L, block_size=64, device=None):
+    """A selection of every block of keys 0..L-1 for each tile (dense attention through the block kernels; the
+    causal mask trims the blocks past a tile): (block_idx [Hkv, n_tiles, n] int32, block_count [Hkv, n_tiles])."""
+    n = triton.cdiv(L, block_size)
+    block_idx = torch.arange(n, dtype=torch.int32, device=device).expand(num_kv_heads, n_tiles, n).contiguous()
+    block_count = torch.full((num_kv_heads, n_tiles), n, dtype=torch.int32, device=device)
+    return block_idx, block_count
+
+
 def reference(q, k_cache, v_cache, q_start, block_idx, block_count, q_tile=64, block_size=64, sm_scale=None):
     """Exact semantics in plain PyTorch, computed and returned in fp32.
 

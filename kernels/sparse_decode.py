@@ -110,9 +110,7 @@ def reference(q, k_cache, v_cache, L, block_idx=None, block_count=None, block_si
     L: int or int32 [1] tensor (read on the host); block_idx, block_count None: every block of 0..L-1."""
     T, Hkv, L = q.shape[1], k_cache.shape[0], int(L)
     if block_idx is None:
-        n = triton.cdiv(L, block_size)
-        block_idx = torch.arange(n, dtype=torch.int32, device=q.device).expand(Hkv, 1, n)  # [Hkv, 1, n]
-        block_count = torch.full((Hkv, 1), n, dtype=torch.int32, device=q.device)  # [Hkv, 1]
+        block_idx, block_count = sparse_attention.every_block(Hkv, 1, L, block_size, q.device)  # [Hkv, 1, n], [Hkv, 1]
     return sparse_attention.reference(q, k_cache, v_cache, L - T, block_idx, block_count,
                                       q_tile=T, block_size=block_size, sm_scale=sm_scale)
 
