@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from infer.kernels import rope_append
+
 from .config import ModelConfig
 
 
@@ -59,26 +61,12 @@ class Rope:
 
     def cos_sin(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64 of a sequence of seq_len tokens -> cos, sin [T, head_dim] float32."""
-        return cos_sin(positions, *self.scaling(seq_len))
-
-
-def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T] int64 -> cos, sin [T, head_dim] float32 (rotate-half layout: the d/2 frequencies twice)."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [T, d]
-    return emb.cos() * attention_factor, emb.sin() * attention_factor
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [H, T, d] with rotate-half layout; cos/sin [T, d] float32."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+        return rope_append.cos_sin(positions, *self.scaling(seq_len))
 
 
 def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The inverse of apply_rope (attention factor included, as cos^2 + sin^2): x [H, T, d] -> fp32 [H, T, d]."""
+    """The inverse of kernels.rope_append.rotate (attention factor included, as cos^2 + sin^2): x [H, T, d] -> fp32
+    [H, T, d]."""
     half = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)

@@ -29,17 +29,22 @@ def reference(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
     q, k, v = heads.split([num_heads, num_kv_heads, num_kv_heads])  # [Hq, T, d], [Hkv, T, d], [Hkv, T, d]
     if q_norm_weight is not None:
         q, k = norm.reference(q, q_norm_weight, eps), norm.reference(k, k_norm_weight, eps)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [T, d]
-    cos, sin = emb.cos() * attention_factor, emb.sin() * attention_factor
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    cos, sin = cos_sin(positions, inv_freq, attention_factor)  # [T, d]
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache[:, positions] = k
     v_cache[:, positions] = v
     return q.contiguous()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """engine.rope.apply_rope: x [H, T, d], cos/sin [T, d] fp32."""
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] int64 -> cos, sin [T, d] float32 (rotate-half layout: the d/2 frequencies twice)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [T, d]
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in fp32, rounded to x's dtype: x [H, T, d], cos/sin [T, d] fp32."""
     half = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)

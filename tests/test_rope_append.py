@@ -7,7 +7,7 @@ import torch
 
 from infer.engine.config import ModelConfig, RopeConfig
 from infer.engine.model import RMSNorm
-from infer.engine.rope import Rope, apply_rope
+from infer.engine.rope import Rope
 from infer.kernels.rope_append import reference, rope_append
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -41,6 +41,13 @@ CASES = [(2, 2, 64, 1, torch.float32), (4, 2, 128, 9, torch.float16), (8, 2, 64,
          (4, 1, 128, 3, torch.float32), (6, 3, 96, 7, torch.float16)]
 
 
+def rotate_half_rope(x, cos, sin):
+    """x [H, T, d] -> x * cos + rotate_half(x) * sin, in fp32, rounded to x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    return (xf * cos + torch.cat([-xf[..., half:], xf[..., :half]], dim=-1) * sin).to(x.dtype)
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("Hq, Hkv, d, T, dtype", CASES)
 def test_rope_append_matches_reference(Hq, Hkv, d, T, dtype, qk_norm):
@@ -62,7 +69,7 @@ def test_rope_append_matches_reference(Hq, Hkv, d, T, dtype, qk_norm):
         assert (q == ref_q).float().mean().item() > 0.98  # rounded where the reference rounds
     check_caches(k_cache, v_cache, ref_k, ref_v, positions, dtype)
 
-    # against the engine's own code path: RMSNorm modules, Rope.cos_sin tables and apply_rope
+    # against the model's RMSNorm modules, the Rope tables and the rotate-half formula written out here
     heads = qkv.unflatten(1, (-1, d)).transpose(0, 1)  # [Hq + 2Hkv, T, d]
     mq, mk = heads[:Hq], heads[Hq:Hq + Hkv]
     if qk_norm:
@@ -71,8 +78,8 @@ def test_rope_append_matches_reference(Hq, Hkv, d, T, dtype, qk_norm):
         k_norm.weight.data.copy_(norm_args["k_norm_weight"])
         mq, mk = q_norm(mq), k_norm(mk)
     cos, sin = rope.cos_sin(positions, 3000)  # [T, d]
-    torch.testing.assert_close(q, apply_rope(mq, cos, sin), **TOL[dtype])
-    torch.testing.assert_close(k_cache[:, positions], apply_rope(mk, cos, sin), **TOL[dtype])
+    torch.testing.assert_close(q, rotate_half_rope(mq, cos, sin), **TOL[dtype])
+    torch.testing.assert_close(k_cache[:, positions], rotate_half_rope(mk, cos, sin), **TOL[dtype])
 
 
 def test_strided_qkv_and_cache_views():
