@@ -114,14 +114,13 @@ def cmd_bench(args) -> None:
     from rich.table import Table
 
     from infer.engine import bench
+    from infer.engine.config import sparse_config
     from infer.engine.device import default_device, parse_dtype
 
     if args.attention or args.check:
         return cmd_bench_attention(args)
     device = torch.device(args.device or default_device())
     dtype = parse_dtype(args.dtype, device.type)
-    from infer.engine.config import sparse_config
-
     model = bench.random_model(args.shape, device, dtype)
     sparse = sparse_config(model.cfg.sparse, mode=args.sparse)
     bandwidth = bench.copy_bandwidth(device)

@@ -14,7 +14,7 @@ from infer.kernels import block_select, pool_keys, sparse_attention, sparse_deco
 
 from .attention import uses_sparse
 from .config import ModelConfig, SparseConfig
-from .cuda_graph import graphed_decode
+from .cuda_graph import GraphedDecode
 from .device import synchronize
 from .errors import InferError
 from .generate import PREFILL_CHUNK
@@ -122,8 +122,7 @@ def run_decode(model: Transformer, steps: int, depth: int, sparse: SparseConfig 
     written = Positions.of(0, torch.arange(depth, device=cache.k.device))
     for layer in range(model.cfg.num_layers):
         cache.pool(layer, written)
-    graphed = graphed_decode(model, cache, graphs)
-    step = graphed or (lambda ids: model(ids, cache, num_logits=len(ids)))
+    step = GraphedDecode(model, cache, graphs)
     tokens = torch.zeros(width, dtype=torch.long, device=cache.k.device)
     for _ in range(3):  # warm up (and capture)
         cache.length = depth

@@ -14,15 +14,19 @@ from .model import Transformer
 
 
 class GraphedDecode:
-    """model(tokens, cache, num_logits=len(tokens)) for len(tokens) <= DECODE_MAX_QUERIES, replayed from graphs."""
+    """model(tokens, cache, num_logits=len(tokens)), replayed from CUDA graphs where they apply (CUDA, enabled, no
+    use_nope, at most DECODE_MAX_QUERIES tokens) and run eagerly otherwise."""
 
-    def __init__(self, model: Transformer, cache: KVCache):
+    def __init__(self, model: Transformer, cache: KVCache, enabled: bool = True):
         self.model, self.cache = model, cache
+        self.enabled = enabled and cache.k.is_cuda and not (cache.sparse is not None and cache.sparse.use_nope)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
+        if not self.enabled:
+            return
         device = cache.k.device
         self.tokens = torch.zeros(DECODE_MAX_QUERIES, dtype=torch.long, device=device)  # [T_max] static input
         self.start = torch.zeros(1, dtype=torch.long, device=device)  # position of tokens[0]
         self.offsets = torch.arange(DECODE_MAX_QUERIES, device=device)  # [T_max]
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
         self.memory = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
 
     def clear(self) -> None:
@@ -36,9 +40,10 @@ class GraphedDecode:
         return num_tokens, paths, self.model.rope.variant(start + num_tokens)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [T, V] (float32) of tokens [T] at positions cache.length..; overwritten by the next call."""
+        """Logits [T, V] (float32) of tokens [T] at positions cache.length..; a replay's are overwritten by the next."""
         num_tokens, start = tokens.shape[0], self.cache.length
-        assert num_tokens <= DECODE_MAX_QUERIES
+        if not self.enabled or num_tokens > DECODE_MAX_QUERIES:
+            return self.model(tokens, self.cache, num_logits=num_tokens)
         self.tokens[:num_tokens].copy_(tokens, non_blocking=True)
         self.start.fill_(start)
         key = self.key(num_tokens)
@@ -67,10 +72,3 @@ class GraphedDecode:
             logits = self._pass(num_tokens)
         self.cache.length = start
         return graph, logits, self.cache.last_selection
-
-
-def graphed_decode(model: Transformer, cache: KVCache, enabled: bool = True) -> GraphedDecode | None:
-    """Graphs for the decode passes over `cache`, or None where they do not apply (not CUDA, disabled, use_nope)."""
-    if not enabled or not cache.k.is_cuda or (cache.sparse is not None and cache.sparse.use_nope):
-        return None
-    return GraphedDecode(model, cache)

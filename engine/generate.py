@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .attention import DECODE_MAX_QUERIES, latest_read
+from .attention import latest_read
 from .config import sparse_config
-from .cuda_graph import graphed_decode
+from .cuda_graph import GraphedDecode
 from .device import default_device, parse_dtype, synchronize
 from .errors import InferError
 from .sampling import Sampler, SamplingParams, generation_defaults
@@ -94,7 +94,7 @@ class Engine:
         self.max_len = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.sparse = sparse_config(cfg.sparse, **(sparse or {}))  # None: dense attention only
         self.cache = self.model.new_cache(self.max_len, self.sparse)
-        self.graphs = graphed_decode(self.model, self.cache, cuda_graphs)
+        self.decode = GraphedDecode(self.model, self.cache, cuda_graphs)
         self.tokens: list[int] = []  # the tokens whose keys and values the cache holds, in order
         self.defaults = generation_defaults(model_dir)
         self.eos_ids = set(cfg.eos_token_ids)
@@ -191,10 +191,7 @@ class Engine:
             drafts, q = self.speculator.propose(self.tokens + [token], self.max_len - 2 - len(self.tokens), sampler)
             self.stats.draft_seconds += time.perf_counter() - start
         ids = torch.tensor([token] + drafts, device=self.device)
-        if self.graphs is not None and len(ids) <= DECODE_MAX_QUERIES:
-            logits = self.graphs(ids)  # [k+1, V]
-        else:
-            logits = self.model(ids, self.cache, num_logits=len(ids))  # [k+1, V]
+        logits = self.decode(ids)  # [k+1, V]
         accepted, following = verify(logits, drafts, q, sampler, history)
         self.cache.truncate(len(self.tokens) + 1 + accepted)  # roll back the rejected drafts
         self.tokens += [token] + drafts[:accepted]

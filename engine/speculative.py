@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .cuda_graph import graphed_decode
+from .cuda_graph import GraphedDecode
 from .errors import InferError
 from .sampling import Sampler, apply_repetition_penalty, probabilities
 from .tokenizer import Tokenizer
@@ -118,7 +118,7 @@ class DraftModel:
         self.model = load_model(path, device, dtype, progress=progress)
         cfg = self.model.cfg
         self.cache = self.model.new_cache(min(max_len, cfg.max_position_embeddings))
-        self.graphs = graphed_decode(self.model, self.cache, cuda_graphs)
+        self.decode = GraphedDecode(self.model, self.cache, cuda_graphs)
         self.tokens: list[int] = []  # the tokens whose keys and values the draft cache holds
         self.device = device
         self.chunk = chunk  # tokens per forward pass while catching up with a long context
@@ -131,8 +131,7 @@ class DraftModel:
     def restrict(self, ids: torch.Tensor | None) -> None:
         """Keep only the LM-head rows of token ids [N] (FR-Spec); None keeps all of them."""
         self.ids = ids
-        if self.graphs is not None:
-            self.graphs.clear()  # they read the head they were captured with
+        self.decode.clear()  # graphs read the head they were captured with
         if ids is None:
             self.model.lm_head = self.full_head
             return
@@ -151,8 +150,7 @@ class DraftModel:
         drafts, probs = [], []
         for i in range(k):
             if i:
-                token = torch.tensor(drafts[-1:], device=self.device)
-                logits = self.graphs(token) if self.graphs is not None else self.model(token, self.cache)
+                logits = self.decode(torch.tensor(drafts[-1:], device=self.device))
                 self.tokens.append(drafts[-1])
             if sampler.params.greedy:
                 choice = int(logits[0].argmax())

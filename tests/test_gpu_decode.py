@@ -37,7 +37,7 @@ def passes(model, sparse, graphs: bool, prompt: torch.Tensor, tokens: torch.Tens
 
     cache = model.new_cache(1024, sparse_config(None, **sparse) if sparse else None)
     model(prompt, cache)
-    step = GraphedDecode(model, cache) if graphs else (lambda ids: model(ids, cache, num_logits=len(ids)))
+    step = GraphedDecode(model, cache, enabled=graphs)
     out, begin = [], 0
     for width in WIDTHS:
         out.append(step(tokens[begin:begin + width]).clone())
