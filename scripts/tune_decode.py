@@ -1,0 +1,90 @@
+"""Tuning run for decoding (needs CUDA). With --gemv: kernels.gemv configurations checked against the fp32 reference
+and timed against cuBLAS (F.linear) on the Llama-3-8B projections, weights rotated through enough copies that L2
+does not help. Then a kernel breakdown of one graphed Llama-3-8B decode step (random weights) at depths 0, 32K and
+128K (sparse attention past 8192 tokens).
+
+    python3 scripts/tune_decode.py [--gemv] 2>&1 | tee tune.log
+"""
+
+import itertools
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+from infer.engine import bench
+from infer.engine.config import SparseConfig
+from infer.kernels import gemv
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in itertools.product((2, 4, 8), (512, 1024), (4, 8))]
+
+
+def per_call_us(fn, weights, x) -> float:
+    """Median time of one call over len(weights) distinct weights, replayed from a CUDA graph."""
+    run = lambda: [fn(x, w) for w in weights]
+    return 1000 * triton.testing.do_bench_cudagraph(run, rep=30, return_mode="median") / len(weights)
+
+
+def gemv_table():
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        nbytes = 2 * n * k
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                   for _ in range(max(2, math.ceil(300e6 / nbytes)))]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = gemv.reference(x, weights[0])
+        results = [("cublas", per_call_us(F.linear, weights, x), bench.rel_err(F.linear(x, weights[0]), ref))]
+        for cfg in CONFIGS:
+            f = lambda x, w, cfg=cfg: gemv.gemv(x, w, **cfg)
+            results.append((str(cfg), per_call_us(f, weights, x), bench.rel_err(f(x, weights[0]), ref)))
+        results.sort(key=lambda r: r[1])
+        cublas = next(r for r in results if r[0] == "cublas")
+        print(f"--- {name} [{n}x{k}]: cuBLAS {cublas[1]:.1f} us = {nbytes / cublas[1] / 1e6:.2f} TB/s", flush=True)
+        for label, us, err in results[:5]:
+            print(f"  {us:8.1f} us {nbytes / us / 1e6:5.2f} TB/s  err {err:.1e}  {label}", flush=True)
+        rows.append((name, cublas[1], results[0]))
+        del weights
+        torch.cuda.empty_cache()
+    print("\nshape    cuBLAS us  best us  best TB/s  best")
+    for name, cub, (label, us, err) in rows:
+        print(f"{name:8s} {cub:9.1f} {us:8.1f} {2 * SHAPES[name][0] * SHAPES[name][1] / us / 1e6:9.2f}  {label}")
+
+
+def decode_breakdown(model, depth: int, steps: int = 20):
+    """Device time per kernel of one graphed decode step at `depth` (sparse attention past 8192 tokens)."""
+    cache, step = bench.decode_at_depth(model, depth, 64, SparseConfig())
+    tokens = torch.zeros(1, dtype=torch.long, device="cuda")
+    for _ in range(3):
+        cache.length = depth
+        step(tokens)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            cache.length = depth
+            step(tokens)
+        torch.cuda.synchronize()
+    rows = [(e.self_device_time_total / steps, e.count // steps, e.key) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    total = sum(r[0] for r in rows)
+    print(f"\n--- graphed decode step, llama3-8b, depth {depth}: kernel time {total:.0f} us per step")
+    for t, count, name in sorted(rows, reverse=True)[:16]:
+        print(f"  {t:8.1f} us  x{count:<4d} {name[:90]}")
+    cache.length = depth
+    wall = triton.testing.do_bench(lambda: step(tokens), warmup=20, rep=300, return_mode="median")
+    print(f"wall per step {1000 * wall:.0f} us ({1000 / wall:.1f} tok/s); kernels {total:.0f} us")
+    del cache, step
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        if "--gemv" in sys.argv:
+            gemv_table()
+        model = bench.random_model("llama3-8b", torch.device("cuda"), torch.bfloat16)
+        for depth in (0, 32768, 131072):
+            decode_breakdown(model, depth)

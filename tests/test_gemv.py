@@ -1,0 +1,48 @@
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
+
+import pytest
+import torch
+
+from infer.kernels import activation, gemv
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def inputs(N, K, dtype, gated=False, bias=False, residual=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(1, 2 * K if gated else K, generator=gen)).to(dtype)  # [1, K] or [1, 2K]
+    weight = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)  # [N, K]
+    return dict(x=x, weight=weight,
+                bias=torch.randn(N, generator=gen).to(dtype) if bias else None,
+                gated=gated,
+                residual=(4 * torch.randn(1, N, generator=gen)).to(dtype) if residual else None)
+
+
+@pytest.mark.parametrize("N, K, dtype, options", [
+    (40, 96, torch.float32, {}),  # N not a multiple of the row block
+    (64, 1500, torch.float32, dict(bias=True)),  # K not a multiple of the K block, several K steps
+    (33, 200, torch.float16, dict(gated=True)),
+    (128, 600, torch.float32, dict(gated=True, residual=True)),
+    (96, 2100, torch.float16, dict(bias=True, residual=True)),
+    (7, 64, torch.float16, dict(residual=True)),
+])
+def test_gemv_matches_reference(N, K, dtype, options):
+    args = inputs(N, K, dtype, **options, seed=N + K)
+    got = gemv.gemv(**args, block_k=512)
+    ref = gemv.reference(**args)
+    assert got.shape == (1, N) and got.dtype == dtype
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_fusions_equal_the_unfused_kernels(scale):
+    """linear -> residual add, and silu*mul -> linear, each as separate kernels compute them."""
+    a = inputs(48, 320, torch.float16, residual=True, seed=3)
+    got = gemv.gemv(**a, residual_scale=scale, block_k=128)
+    y = gemv.gemv(a["x"], a["weight"], block_k=128)
+    torch.testing.assert_close(got, (a["residual"].float() + y.float() * scale).to(torch.float16), rtol=0, atol=2e-3)
+    g = inputs(48, 320, torch.float16, gated=True, seed=4)
+    unfused = gemv.gemv(activation.silu_mul(g["x"]), g["weight"], block_k=128)
+    torch.testing.assert_close(gemv.gemv(**g, block_k=128), unfused, rtol=0, atol=1e-3)
