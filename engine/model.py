@@ -6,7 +6,7 @@ Parameter names equal the Hugging Face checkpoint names without the leading "mod
 import torch
 from torch import nn
 
-from infer.kernels import activation, norm, rope_append
+from infer.kernels import activation, gemv, norm, rope_append
 
 from .attention import attend
 from .config import ModelConfig, SparseConfig
@@ -20,10 +20,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, residual_scale: float = 1.0):
-        """norm(x) [T, dim]; with a residual: h = residual + x * residual_scale and (norm(h), h)."""
-        rms_norm = norm.rms_norm if x.is_cuda else norm.reference
-        return rms_norm(x, self.weight, self.eps, residual, residual_scale)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (norm.rms_norm if x.is_cuda else norm.reference)(x, self.weight, self.eps)  # [T, dim]
+
+
+def project(x: torch.Tensor, linear: nn.Linear, gated: bool = False, residual: torch.Tensor | None = None,
+            residual_scale: float = 1.0) -> torch.Tensor:
+    """linear(x) [T, out], or linear(silu(gate) * up) of x = [gate | up] [T, 2 * in] when gated; with a residual
+    [T, out]: residual + residual_scale * that, the new residual stream. One row on CUDA (decoding) is one GEMV
+    kernel with the activation and the add fused (kernels.gemv; faster than cuBLAS there)."""
+    if x.is_cuda and x.shape[0] == 1:
+        return gemv.gemv(x, linear.weight, linear.bias, gated, residual, residual_scale)
+    if gated:
+        x = (activation.silu_mul if x.is_cuda else activation.reference)(x)
+    y = linear(x)
+    return y if residual is None else torch.add(residual, y, alpha=residual_scale)
 
 
 def _fuse_linears(*linears: nn.Linear) -> nn.Linear:
@@ -55,14 +66,15 @@ class Attention(nn.Module):
         self.qkv_proj = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, pos: Positions, rope: tuple[torch.Tensor, float], cache: KVCache,
-                layer: int) -> torch.Tensor:
-        num_tokens = x.shape[0]  # x [T, hidden]
-        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) d]
+    def forward(self, h: torch.Tensor, pre_norm: RMSNorm, residual_scale: float, pos: Positions,
+                rope: tuple[torch.Tensor, float], cache: KVCache, layer: int) -> torch.Tensor:
+        """The residual stream h [T, hidden] plus residual_scale * attention(pre_norm(h))."""
+        num_tokens = h.shape[0]
+        qkv = project(pre_norm(h), self.qkv_proj)  # [T, (Hq + 2 Hkv) d]
         qk_norms = {} if self.q_norm is None else dict(
             q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps)
         # q [Hq, T, d] rotated; k rotated and v written into the cache at pos
-        rope_append_fn = rope_append.rope_append if x.is_cuda else rope_append.reference
+        rope_append_fn = rope_append.rope_append if h.is_cuda else rope_append.reference
         q = rope_append_fn(qkv, pos.ids, *rope, cache.k[layer], cache.v[layer], self.num_heads, self.num_kv_heads,
                            self.head_dim, **qk_norms)
         cache.pool(layer, pos)
@@ -73,7 +85,8 @@ class Attention(nn.Module):
                 q_score = self.q_norm(q_score)
             q_score = q_score.view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)  # [Hq, T, d]
         out = attend(q, cache, layer, pos, q_score)  # [Hq, T, d]
-        return self.o_proj(out.transpose(0, 1).reshape(num_tokens, -1))
+        return project(out.transpose(0, 1).reshape(num_tokens, -1), self.o_proj, residual=h,
+                       residual_scale=residual_scale)
 
 
 class MLP(nn.Module):
@@ -89,10 +102,10 @@ class MLP(nn.Module):
         self.gate_up_proj = _fuse_linears(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
-        silu_mul = activation.silu_mul if x.is_cuda else activation.reference
-        return self.down_proj(silu_mul(gate_up))  # silu(gate) * up
+    def forward(self, h: torch.Tensor, pre_norm: RMSNorm, residual_scale: float) -> torch.Tensor:
+        """The residual stream h [T, hidden] plus residual_scale * down(silu(gate) * up) of pre_norm(h)."""
+        gate_up = project(pre_norm(h), self.gate_up_proj)  # [T, 2 * intermediate]
+        return project(gate_up, self.down_proj, gated=True, residual=h, residual_scale=residual_scale)
 
 
 class DecoderLayer(nn.Module):
@@ -104,17 +117,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.residual_scale = cfg.residual_scale
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, pos: Positions, rope: tuple[torch.Tensor, float],
-                cache: KVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the previous layer's MLP output, not yet added to the residual stream (None before the first layer:
-        then x is the stream). Returns this layer's MLP output and the stream before it."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual, self.residual_scale)
-        h = self.self_attn(h, pos, rope, cache, layer)
-        h, residual = self.post_attention_layernorm(h, residual, self.residual_scale)
-        return self.mlp(h), residual
+    def forward(self, h: torch.Tensor, pos: Positions, rope: tuple[torch.Tensor, float], cache: KVCache,
+                layer: int) -> torch.Tensor:
+        """The residual stream h [T, hidden] after this layer."""
+        h = self.self_attn(h, self.input_layernorm, self.residual_scale, pos, rope, cache, layer)
+        return self.mlp(h, self.post_attention_layernorm, self.residual_scale)
 
 
 class Transformer(nn.Module):
@@ -156,12 +163,11 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + num_tokens, device=tokens.device)
         pos = Positions.of(start, positions)
         rope = self.rope.scaling(start + num_tokens)
-        x, residual = self.embed_tokens(tokens) * self.cfg.scale_emb, None  # [T, hidden]
+        h = self.embed_tokens(tokens) * self.cfg.scale_emb  # [T, hidden], the residual stream
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, pos, rope, cache, i)
+            h = layer(h, pos, rope, cache, i)
         cache.length = start + num_tokens
-        x, _ = self.norm(x[-num_logits:], residual[-num_logits:], self.cfg.residual_scale)
-        return self.lm_head(x * self.cfg.logit_scale).float()
+        return project(self.norm(h[-num_logits:]), self.lm_head).float() * self.cfg.logit_scale  # [num_logits, V]
 
 
 def reusable_prefix(cached: list[int], tokens: list[int]) -> int:

@@ -101,7 +101,8 @@ def test_use_nope_summaries_pool_the_keys_before_rope():
         hook.remove()
     attn = model.layers[1].self_attn
     q_width, k_width = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-    k = attn.qkv_proj(torch.cat(captured))[:, q_width:q_width + k_width]  # [T, Hkv * d] before RoPE
+    h = model.layers[1].input_layernorm(torch.cat(captured))  # the layer's normed input [T, hidden]
+    k = attn.qkv_proj(h)[:, q_width:q_width + k_width]  # [T, Hkv * d] before RoPE
     k = k.reshape(100, attn.num_kv_heads, attn.head_dim).transpose(0, 1)  # [Hkv, T, d]
     n = pool_keys.num_summaries(100, sparse.kernel_size, sparse.kernel_stride)
     expected = pool_keys.reference(k, 0, n, sparse.kernel_size, sparse.kernel_stride)
