@@ -133,12 +133,13 @@ def cmd_bench(args) -> None:
     decode = "eager" if args.eager or device.type != "cuda" else "CUDA graphs"
     table = Table(title=f"{args.shape} (random weights), {dtype}, {_device_name(device)}, sparse {args.sparse}, {decode}; "
                         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    for column in ("test", "depth", "tok/s", "ms/tok", "roofline tok/s", "% of roofline"):
+    for column in ("test", "depth", "tok/s", "ms/tok", "roofline tok/s", "% of roofline", "peak extra GB"):
         table.add_column(column, justify="right")
     for r in rows:
         roofline = bandwidth / r.bytes_per_token if r.bytes_per_token else 0.0
         table.add_row(r.test, str(r.depth), f"{r.tok_per_s:.1f}", f"{1000 / r.tok_per_s:.3f}",
-                      f"{roofline:.1f}" if roofline else "", f"{100 * r.tok_per_s / roofline:.0f}%" if roofline else "")
+                      f"{roofline:.1f}" if roofline else "", f"{100 * r.tok_per_s / roofline:.0f}%" if roofline else "",
+                      f"{r.extra_bytes / 1e9:.2f}" if device.type == "cuda" else "")
     Console().print(table)
 
 

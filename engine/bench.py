@@ -18,7 +18,7 @@ from .cuda_graph import GraphedDecode
 from .device import synchronize
 from .errors import InferError
 from .generate import PREFILL_CHUNK
-from .kv_cache import Positions
+from .kv_cache import KVCache, Positions
 from .model import Transformer, prefill
 
 # Real model shapes (config.json subsets); the weights are random, the cost is the real one.
@@ -45,6 +45,7 @@ class BenchRow:
     seconds: float
     tokens: int
     bytes_per_token: float = 0.0  # weights + KV read per decoded token (tg rows)
+    extra_bytes: int = 0  # CUDA: peak memory allocated beyond the weights, the KV cache and its summaries
 
     @property
     def tok_per_s(self) -> float:
@@ -97,8 +98,25 @@ def weight_bytes(model: Transformer) -> int:
     return total - embed.numel() * embed.element_size() + embed.shape[1] * embed.element_size()  # one embedding row read
 
 
+def reset_peak_memory(model: Transformer) -> None:
+    device = model.embed_tokens.weight.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def extra_memory(model: Transformer, cache: KVCache) -> int:
+    """Peak CUDA memory allocated so far beyond the weights, the KV cache and its summaries (0 off CUDA)."""
+    if not cache.k.is_cuda:
+        return 0
+    fixed = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
+    buffers = (cache.k, cache.v, getattr(cache, "summaries", None))  # summaries only when sparse
+    fixed += sum(t.numel() * t.element_size() for t in buffers if t is not None)
+    return torch.cuda.max_memory_allocated(cache.k.device) - fixed
+
+
 def run_prefill(model: Transformer, length: int, sparse: SparseConfig | None = None, repeats: int = 2) -> BenchRow:
     """Prefill `length` random tokens in the engine's chunks (the time to the first token's logits)."""
+    reset_peak_memory(model)
     cache = model.new_cache(length + 1, sparse)
     tokens = torch.randint(0, model.cfg.vocab_size, (length,)).tolist()
     best = float("inf")
@@ -108,7 +126,20 @@ def run_prefill(model: Transformer, length: int, sparse: SparseConfig | None = N
         prefill(model, cache, [], tokens, 0, PREFILL_CHUNK)
         synchronize(cache.k.device)
         best = min(best, time.perf_counter() - start)
-    return BenchRow(f"pp{length}", 0, best, length)
+    return BenchRow(f"pp{length}", 0, best, length, extra_bytes=extra_memory(model, cache))
+
+
+def decode_at_depth(model: Transformer, depth: int, room: int, sparse: SparseConfig | None = None,
+                    graphs: bool = True) -> tuple[KVCache, GraphedDecode]:
+    """A cache holding `depth` random keys and values (pooled when sparse) with room for `room` more, and its
+    decode step."""
+    cache = model.new_cache(depth + room, sparse)
+    cache.k[:, :, :depth].normal_()
+    cache.v[:, :, :depth].normal_()
+    written = Positions.of(0, torch.arange(depth, device=cache.k.device))
+    for layer in range(model.cfg.num_layers):
+        cache.pool(layer, written)
+    return cache, GraphedDecode(model, cache, graphs)
 
 
 def run_decode(model: Transformer, steps: int, depth: int, sparse: SparseConfig | None = None, graphs: bool = True,
@@ -116,13 +147,8 @@ def run_decode(model: Transformer, steps: int, depth: int, sparse: SparseConfig 
     """`steps` forward passes of `width` tokens after `depth` cached positions (random keys and values, pooled
     when sparse), each pass feeding the argmax of the last (no host sync between passes). width 1 is plain decoding
     ("tgN" rows); width k+1 is the verification of k drafts ("vN" rows: passes per second, all drafts accepted)."""
-    cache = model.new_cache(depth + steps * width + 16, sparse)
-    cache.k[:, :, :depth].normal_()
-    cache.v[:, :, :depth].normal_()
-    written = Positions.of(0, torch.arange(depth, device=cache.k.device))
-    for layer in range(model.cfg.num_layers):
-        cache.pool(layer, written)
-    step = GraphedDecode(model, cache, graphs)
+    reset_peak_memory(model)
+    cache, step = decode_at_depth(model, depth, steps * width + 16, sparse, graphs)
     tokens = torch.zeros(width, dtype=torch.long, device=cache.k.device)
     for _ in range(3):  # warm up (and capture)
         cache.length = depth
@@ -138,7 +164,7 @@ def run_decode(model: Transformer, steps: int, depth: int, sparse: SparseConfig 
     if sparse is not None and uses_sparse(cache, depth + 1):  # the selected blocks, and every summary for scoring
         kv_bytes = kv_bytes * min(1.0, sparse.topk * sparse.block_size / (depth + 1)) + kv_bytes / (2 * sparse.kernel_stride)
     test = f"tg{steps}" if width == 1 else f"v{width}"
-    return BenchRow(test, depth, seconds, steps, weight_bytes(model) + kv_bytes)
+    return BenchRow(test, depth, seconds, steps, weight_bytes(model) + kv_bytes, extra_memory(model, cache))
 
 
 # --- `infer bench --attention`: one attention layer, dense torch SDPA vs our block-sparse kernels (CUDA) ---
