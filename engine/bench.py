@@ -88,14 +88,14 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() * repeats / (time.perf_counter() - start)
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def weight_bytes(model: Transformer) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
+    """Bytes of weights a decoded token reads: every parameter (tied ones once), but one embedding row."""
     embed = model.embed_tokens.weight
-    return total - embed.numel() * embed.element_size() + embed.shape[1] * embed.element_size()  # one embedding row read
+    return tensor_bytes(model.parameters()) - tensor_bytes([embed]) + embed.shape[1] * embed.element_size()
 
 
 def reset_peak_memory(model: Transformer) -> None:
@@ -108,9 +108,8 @@ def extra_memory(model: Transformer, cache: KVCache) -> int:
     """Peak CUDA memory allocated so far beyond the weights, the KV cache and its summaries (0 off CUDA)."""
     if not cache.k.is_cuda:
         return 0
-    fixed = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
-    buffers = (cache.k, cache.v, getattr(cache, "summaries", None))  # summaries only when sparse
-    fixed += sum(t.numel() * t.element_size() for t in buffers if t is not None)
+    fixed = tensor_bytes(model.parameters())  # tied parameters once
+    fixed += tensor_bytes(t for t in (cache.k, cache.v, cache.summaries) if t is not None)
     return torch.cuda.max_memory_allocated(cache.k.device) - fixed
 
 

@@ -50,6 +50,7 @@ class KVCache:
         self.rope = rope  # the rotation of the cached keys, undone for use_nope summaries
         if sparse is not None and sparse.use_nope and rope is None:
             raise ValueError("use_nope summaries need the model's rope")
+        self.summaries = None  # [layers, Hkv, C, d] with sparse attention
         if sparse is not None:
             max_summaries = max(1, pool_keys.num_summaries(max_len, sparse.kernel_size, sparse.kernel_stride))
             self.summaries = torch.empty(num_layers, num_kv_heads, max_summaries, head_dim, dtype=dtype, device=device)  # [layers, Hkv, C, d]

@@ -10,7 +10,7 @@ Fusing the RMSNorm before the q/k/v and gate/up projections was tried and lost: 
 row's rms cost more (+244 us per Llama-3-8B token on an H100) than the norm kernel it saved (146 us).
 
 Each program owns BLOCK_N rows of W and walks K in BLOCK_K steps, multiply-adding into a fp32 [BLOCK_N, BLOCK_K]
-tile summed once at the end. On an H100 (scripts/tune_gemv.py, Llama-3-8B projections, weights not in L2) it reads
+tile summed once at the end. On an H100 (scripts/tune_decode.py --gemv, Llama-3-8B projections, weights not in L2) it reads
 2.5-3.2 TB/s where cuBLAS reads 2.0-2.8.
 """
 
