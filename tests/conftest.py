@@ -1,15 +1,21 @@
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from infer.weights.catalogue import pull
+
+if not torch.cuda.is_available():
+    # CPU: every Triton kernel runs in the interpreter. Set before any test module imports triton, whatever the order
+    # of the test files (a GPU machine runs the kernel test files, which set it themselves, apart from test_gpu*.py).
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def random_model_folder(folder: Path, tokenizer_from: Path, **config) -> Path:
     """A Hugging Face folder with random weights for `config` and the tokenizer files of a real model folder."""
-    import torch  # imported here: the CPU kernel tests set TRITON_INTERPRET before the kernels are first imported
     from safetensors.torch import save_file
 
     from infer.engine.config import ModelConfig
