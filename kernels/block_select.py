@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from infer.kernels import pdl
 from infer.kernels.pool_keys import num_summaries
 
 _TARGET_PROGRAMS = 256  # split the summaries over programs until about this many run (decode)
@@ -105,7 +106,6 @@ def reference(
 TUNING = dict(lse_rows=128, lse_block_c=64, lse_warps=4, col_rows=128, col_block_c=64, col_warps=4, num_stages=3,
               head_major=True)
 DECODE_LOGITS_MAX_T = 16  # up to this many queries pass 1 stores its logits and pass 2 reads them back
-_RADIX = 3  # bits of the threshold the select decides per step
 
 
 @triton.jit
@@ -179,10 +179,11 @@ def _lse_kernel(
     stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_xh, stride_xt,
     G: tl.constexpr, D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr, STORE_LOGITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Pass 1: log2-sum-exp2 of each (head, query) row over the visible summaries of one split; with STORE_LOGITS
     also the logits themselves (log2 domain, -inf where not visible)."""
+    pdl.enter(PDL)
     g, tb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(start_ptr)
     q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D,
@@ -240,12 +241,13 @@ def _column_kernel(
     stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_xh, stride_xt, stride_ch, stride_ct,
     G: tl.constexpr, D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    LSE_BLOCK_C: tl.constexpr, HEAD_MAJOR: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    LSE_BLOCK_C: tl.constexpr, HEAD_MAJOR: tl.constexpr, FROM_LOGITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Pass 2: per summary of one split, the probabilities summed over the group's heads, max over the t-block's
     queries that see it (invisible pairs count 0, never above a real probability). Summaries are the rows of the
     logits here, so both reductions run along the rows of the matrix-multiply result. The log-sum-exp merges the
     partials of pass 1's live splits (lse_splits, LSE_BLOCK_C: its split settings)."""
+    pdl.enter(PDL)
     g, tb = tl.program_id(0), tl.program_id(1)
     q_start = tl.load(start_ptr)
     q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D,
@@ -282,11 +284,12 @@ def _select_kernel(
     KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
     BLOCK_T: tl.constexpr, TB_PER_TILE: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
     WINDOW: tl.constexpr, MAX_SEL: tl.constexpr, N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr,
-    BLOCK_SEL: tl.constexpr, RADIX: tl.constexpr, STORE_SCORES: tl.constexpr,
+    BLOCK_SEL: tl.constexpr, STORE_SCORES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Pass 3, per (kv head, query tile): block scores (max over the overlapping summaries and the tile's
     t-blocks), forced blocks set to +inf, the top max(topk, forced) kept: a radix select on the float bits finds
-    the k-th largest (RADIX bits per step), one scan ranks the chosen blocks in ascending order."""
+    the k-th largest (2 bits per step), one scan ranks the chosen blocks in ascending order."""
+    pdl.enter(PDL)
     g, i = tl.program_id(0), tl.program_id(1)
     q_start = tl.load(start_ptr)
     b = tl.arange(0, BLOCK_NB)  # blocks from cdiv(q_start + T, BLOCK_SIZE) on: no score, not forced
@@ -308,17 +311,20 @@ def _select_kernel(
     p_hi = q_start + tl.minimum(i * Q_TILE + Q_TILE, T) - 1
     forced = ((b < INIT_BLOCKS) | ((b + 1) * BLOCK_SIZE - 1 >= p_lo - WINDOW + 1)) & (b * BLOCK_SIZE <= p_hi)
     key = tl.where(forced, float("inf"), score)  # non-causal blocks have no score: -inf
-    bits = tl.where(key > float("-inf"), key.to(tl.int32, bitcast=True), -1)  # keys >= 0: bits order as floats
+    bits = tl.where(key > float("-inf"), key.to(tl.int32, bitcast=True), -1).to(tl.int64)  # keys >= 0 order as their bits
     k_sel = tl.maximum(tl.sum(forced.to(tl.int32)), TOPK)
-    # tau: the largest value with k_sel bits >= it (the k_sel-th largest; 0 when fewer are valid), RADIX bits a step.
-    digit = tl.arange(0, 1 << RADIX)
-    TOP: tl.constexpr = 31 - RADIX * ((31 - 1) // RADIX)  # bits of the first step
-    tau = 0
-    for step in tl.static_range((31 - 1) // RADIX + 1):
-        lo = 31 - TOP - RADIX * step
-        counts = tl.sum((bits[:, None] >= (tau + (digit << lo))[None, :]).to(tl.int32), axis=0)  # [1 << RADIX]
-        ok = (digit > 0) & (digit <= (2147483647 - tau) >> lo)  # candidates past the int32 range do not exist
-        tau += tl.sum(((counts >= k_sel) & ok).to(tl.int32)) << lo
+    # tau: the largest value with k_sel bits >= it (the k_sel-th largest; 0 when fewer are valid), 2 bits a step.
+    # One reduction counts the bits >= each of a step's three candidates, packed 16 bits apiece (n_blocks < 65536).
+    tau = tl.full((), 0, tl.int64)
+    for step in tl.static_range(16):  # decides bits 31 - 2 * step and 30 - 2 * step (spelled out: constexpr)
+        packed = tl.zeros([BLOCK_NB], tl.int64)
+        for d in tl.static_range(1, 4):
+            packed += (bits >= tau + (d << (30 - 2 * step))).to(tl.int64) << (16 * (d - 1))
+        counts = tl.sum(packed)
+        digit = tl.full((), 0, tl.int64)  # candidates holding k_sel (the counts fall with d)
+        for d in tl.static_range(1, 4):
+            digit += ((counts >> (16 * (d - 1))) & 65535 >= k_sel).to(tl.int64)
+        tau += digit << (30 - 2 * step)
     gt, eq = bits > tau, bits == tau
     n_eq = k_sel - tl.sum(gt.to(tl.int32))  # ties at tau: the lowest blocks first
     rank = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # (gt so far) << 16 | (eq so far)
@@ -393,7 +399,7 @@ def block_select(
     _lse_kernel[(Hkv, n_tb, min(lse_splits, triton.cdiv(max(C, 1), cfg["lse_block_c"])))](
         q, summaries, lse, logits, start, T, lse_splits, qk_scale, *strides, lse.stride(0), lse.stride(1),
         logits.stride(0), logits.stride(1), **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["lse_block_c"],
-        STORE_LOGITS=from_logits, num_warps=cfg["lse_warps"], num_stages=cfg["num_stages"],
+        STORE_LOGITS=from_logits, num_warps=cfg["lse_warps"], num_stages=cfg["num_stages"], **pdl.launch(dev),
     )
     # Pass 2: t-blocks inside one query tile; col [Hkv, n_tb, C], written where seen by the t-block's last query.
     BLOCK_T = max(min(q_tile, triton.next_power_of_2(T), cfg["col_rows"] // BLOCK_G), min_t)
@@ -405,7 +411,7 @@ def block_select(
         lse.stride(0), lse.stride(1), logits.stride(0), logits.stride(1), col.stride(0), col.stride(1),
         **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["col_block_c"], BLOCK_S=max(2, triton.next_power_of_2(lse_splits)),
         LSE_BLOCK_C=cfg["lse_block_c"], FROM_LOGITS=from_logits, num_warps=cfg["col_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=cfg["num_stages"], **pdl.launch(dev),
     )
     # Pass 3: one program per (kv head, tile).
     max_sel = max_selected(topk, window, block_size, q_tile, init_blocks)
@@ -422,8 +428,9 @@ def block_select(
         KERNEL=kernel, STRIDE=stride, BLOCK_SIZE=block_size, Q_TILE=q_tile, BLOCK_T=BLOCK_T,
         TB_PER_TILE=min(q_tile // BLOCK_T, n_tb), TOPK=topk, INIT_BLOCKS=init_blocks, WINDOW=window,
         MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1, BLOCK_NB=BLOCK_NB,
-        BLOCK_SEL=triton.next_power_of_2(max_sel), RADIX=_RADIX, STORE_SCORES=scores is not None,
+        BLOCK_SEL=triton.next_power_of_2(max_sel), STORE_SCORES=scores is not None,
         num_warps=min(8, max(4, BLOCK_NB // 256)),  # H100/H200: 8 beat 4 at 2048 blocks, 16 at 2048 and 4096
+        **pdl.launch(dev),
     )
     return block_idx, block_count
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import activation
+from infer.kernels import activation, pdl
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
@@ -37,21 +37,27 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, N, K, residual_scale,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     dtype = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     cols = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     row_mask = rows < N
+    w_rows = w_ptr + rows[:, None] * K  # [BLOCK_N, 1]
+    # Each step loads the next weight tile before using the current one; the first loads before `enter` (weights
+    # are no kernel's output), overlapping the previous kernel's tail.
+    w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+    pdl.enter(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = k0 + cols < K
-        w = tl.load(w_ptr + rows[:, None] * K + (k0 + cols)[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # [BLOCK_N, BLOCK_K]
         x = tl.load(x_ptr + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
         if GATED:
             up = tl.load(x_ptr + K + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)
             x = (x / (1.0 + tl.exp(-x)) * up).to(dtype).to(tl.float32)
+        w_next = tl.load(w_rows + (k0 + BLOCK_K + cols)[None, :],
+                         mask=row_mask[:, None] & (k0 + BLOCK_K + cols < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
+        w = w_next
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -73,5 +79,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, weight if bias is None else bias, weight if residual is None else residual, out, N, K,
         residual_scale, HAS_BIAS=bias is not None, GATED=gated, RESIDUAL=residual is not None,
-        BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(K)), num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(K)), num_warps=num_warps, **pdl.launch(x.device))
     return out

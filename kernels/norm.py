@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from infer.kernels import pdl
+
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., hidden] -> [..., hidden]."""
@@ -18,7 +20,8 @@ def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, eps, N: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -37,5 +40,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)  # [T, hidden]
     BLOCK = triton.next_power_of_2(N)
     _rms_norm_kernel[(T,)](x, weight, out, x.stride(0), eps, N=N, BLOCK=BLOCK,
-                           num_warps=min(max(BLOCK // 512, 1), 16))
+                           num_warps=min(max(BLOCK // 512, 1), 16), **pdl.launch(x.device))
     return out

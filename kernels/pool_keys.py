@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from infer.kernels import pdl
+
 
 def num_summaries(L: int, kernel: int = 32, stride: int = 16) -> int:
     """Number of complete pooling windows over L keys."""
@@ -25,17 +27,19 @@ def reference(k: torch.Tensor, start: int, end: int, kernel: int = 32, stride: i
 
 @triton.jit
 def _pool_keys_kernel(
-    k_ptr, s_ptr, keys_ptr, keys, count,
+    k_ptr, s_ptr, keys_ptr, keys, new_keys,
     stride_kh, stride_kl, stride_sh, stride_sc,
     D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, KEYS_ON_DEVICE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, KEYS_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
 ):
+    """Program (h, i): kv head h, the i-th newest window complete with `keys` keys, if the last new_keys keys
+    completed it (else nothing: in decode, 15 steps of 16 pool nothing)."""
+    pdl.enter(PDL)
     h = tl.program_id(0)
     if KEYS_ON_DEVICE:
         keys = tl.load(keys_ptr)
-    last = tl.where(keys < KERNEL, 0, (keys - KERNEL) // STRIDE + 1)  # num_summaries(keys)
-    c = last - count + tl.program_id(1)
-    if c >= 0:
+    c = _num_summaries(keys, KERNEL, STRIDE) - 1 - tl.program_id(1)
+    if c >= _num_summaries(keys - new_keys, KERNEL, STRIDE):
         offs_k = tl.arange(0, BLOCK_K)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_k[:, None] < KERNEL) & (offs_d[None, :] < D)
@@ -45,16 +49,23 @@ def _pool_keys_kernel(
         tl.store(s_ptr + h * stride_sh + c * stride_sc + offs_d, mean.to(s_ptr.dtype.element_ty), mask=offs_d < D)
 
 
-def _launch(k, summaries, keys, count, kernel, stride):
-    """Write the last `count` windows complete with `keys` keys (int, or int32 tensor [1] read on the device)."""
+@triton.jit
+def _num_summaries(keys, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
+    return tl.where(keys < KERNEL, 0, (keys - KERNEL) // STRIDE + 1)
+
+
+def _launch(k, summaries, keys, new_keys, kernel, stride):
+    """Write the windows that the last `new_keys` of `keys` keys (int, or int32 tensor [1] read on the device)
+    complete."""
     Hkv, _, d = k.shape
     assert k.stride(-1) == 1 and summaries.stride(-1) == 1
     on_device = isinstance(keys, torch.Tensor)
-    _pool_keys_kernel[(Hkv, count)](
-        k, summaries, keys if on_device else k, 0 if on_device else keys, count,
+    _pool_keys_kernel[(Hkv, triton.cdiv(new_keys, stride))](  # at most cdiv(new_keys, stride) windows complete
+        k, summaries, keys if on_device else k, 0 if on_device else keys, new_keys,
         k.stride(0), k.stride(1), summaries.stride(0), summaries.stride(1),
         D=d, KERNEL=kernel, STRIDE=stride,
         BLOCK_K=triton.next_power_of_2(kernel), BLOCK_D=triton.next_power_of_2(d), KEYS_ON_DEVICE=on_device,
+        **pdl.launch(k.device),
     )
 
 
@@ -67,7 +78,9 @@ def pool_keys(
     """
     assert (end - 1) * stride + kernel <= k.shape[1] and end <= summaries.shape[1]
     if end > start:
-        _launch(k, summaries, (end - 1) * stride + kernel, end - start, kernel, stride)
+        keys = (end - 1) * stride + kernel  # window end - 1 is the last complete one
+        done = 0 if start == 0 else (start - 1) * stride + kernel  # keys that complete windows 0 .. start - 1
+        _launch(k, summaries, keys, keys - done, kernel, stride)
 
 
 def pool_new_windows(
@@ -76,7 +89,6 @@ def pool_new_windows(
     """Write the summaries of the windows completed by the last `new_keys` of `keys` keys, in place.
 
     keys: int32 tensor [1] on k's device, read by the kernel: the launch depends only on new_keys, so a CUDA graph
-    can replay it at any length. Covers the last ceil(new_keys / stride) complete windows (rewriting older ones
-    among them is harmless: a summary is a pure function of its keys).
+    can replay it at any length.
     """
-    _launch(k, summaries, keys, triton.cdiv(new_keys, stride), kernel, stride)
+    _launch(k, summaries, keys, new_keys, kernel, stride)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from infer.kernels import norm
+from infer.kernels import norm, pdl
 
 
 def reference(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float,
@@ -72,7 +72,9 @@ def _rope_append_kernel(
     qkv_ptr, pos_ptr, inv_freq_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr,
     T, stride_qkv, stride_kh, stride_kl, stride_vh, stride_vl, attention_factor, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, QK_NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)  # query heads 0..HQ-1, then key heads
     offs = tl.arange(0, HALF_BLOCK)
@@ -118,6 +120,6 @@ def rope_append(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tens
         T, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         attention_factor, eps if qk_norm else 0.0,
         HQ=num_heads, HKV=num_kv_heads, HALF=half, HALF_BLOCK=triton.next_power_of_2(half), QK_NORM=qk_norm,
-        num_warps=1,
+        num_warps=1, **pdl.launch(qkv.device),
     )
     return q

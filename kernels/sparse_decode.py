@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from infer.kernels import sparse_attention
+from infer.kernels import pdl, sparse_attention
 
 
 @triton.jit
@@ -30,9 +30,10 @@ def _sparse_decode_split(
     stride_qh, stride_qt, stride_kh, stride_kt, stride_vh, stride_vt, stride_ih, stride_ch,
     T, qk_scale,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Dense (idx_ptr, cnt_ptr None): the attended blocks are 0..cdiv(L, BLOCK_SIZE)-1."""
+    pdl.enter(PDL)
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -76,17 +77,18 @@ def _sparse_decode_split(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    part = (kvh * n_splits + split) * BLOCK_M + rows  # [BLOCK_M] row of the scratch
-    tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc)
-    tl.store(m_ptr + part, m_i)
-    tl.store(l_ptr + part, l_i)
+    part = (kvh * n_splits + split) * BLOCK_M + rows  # [BLOCK_M] row of the scratch; padding rows stay unwritten
+    tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(m_ptr + part, m_i, mask=row_ok)
+    tl.store(l_ptr + part, l_i, mask=row_ok)
 
 
 @triton.jit
 def _sparse_decode_reduce(
     acc_ptr, m_ptr, l_ptr, o_ptr, stride_oh, stride_ot, n_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     kvh = tl.program_id(0)
     row = tl.program_id(1)  # t * GROUP + j
     offs_s = tl.arange(0, BLOCK_S)
@@ -165,10 +167,10 @@ def sparse_decode(q, k_cache, v_cache, L, block_idx=None, block_count=None, bloc
         0 if dense else block_idx.stride(0), 0 if dense else block_count.stride(0),
         T, sm_scale * sparse_attention.LOG2E,
         GROUP=G, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device),
     )
     _sparse_decode_reduce[(Hkv, G * T)](
         acc, m, l, o, o.stride(0), o.stride(1), num_splits,
-        GROUP=G, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_S=triton.next_power_of_2(num_splits),
+        GROUP=G, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_S=triton.next_power_of_2(num_splits), **pdl.launch(q.device),
     )
     return o

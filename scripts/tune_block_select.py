@@ -1,6 +1,6 @@
 """Tuning run for the GPU block selection (branch block-select-v2; needs CUDA): every TUNING variant is checked
 against reference_scores (a 1024-query prefill slice and a decode step at 128K) and timed on the 128K prefill
-selection (8 chunks of 16K queries), then the decode variants (radix bits, programs), a kernel breakdown, and
+selection (8 chunks of 16K queries), then the decode variants (programs), a kernel breakdown, and
 finally `infer bench --attention --check --context 32768,131072` with the fastest prefill variant.
 
     python3 scripts/tune_block_select.py 2>&1 | tee tune.log
@@ -96,13 +96,12 @@ def run():
 
         decode_select = lambda: bench.decode_select(q1, summaries, n, s)
         decode_step = lambda: bench.sparse_decode_step(q1, k, v, summaries, s)
-        for radix in (3, 2, 4):
-            for programs in (256, 512):
-                bs._RADIX, bs._TARGET_PROGRAMS = radix, programs
-                print(f"decode 128K [radix {radix}, {programs} programs]: selection eager "
-                      f"{1000 * ms(decode_select, 100):.1f} us, graph {1000 * graph_ms(decode_select):.1f} us; "
-                      f"step graph {1000 * graph_ms(decode_step):.1f} us; {check()}", flush=True)
-        bs._RADIX, bs._TARGET_PROGRAMS = 3, 256
+        for programs in (256, 512):
+            bs._TARGET_PROGRAMS = programs
+            print(f"decode 128K [{programs} programs]: selection eager "
+                  f"{1000 * ms(decode_select, 100):.1f} us, graph {1000 * graph_ms(decode_select):.1f} us; "
+                  f"step graph {1000 * graph_ms(decode_step):.1f} us; {check()}", flush=True)
+        bs._TARGET_PROGRAMS = 256
         kernel_times(decode_step, "decode 128K step", iters=20)
     del q, k, v, summaries, q1, slices, refs
     torch.cuda.empty_cache()

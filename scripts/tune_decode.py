@@ -1,7 +1,7 @@
 """Tuning run for decoding (needs CUDA). With --gemv: kernels.gemv configurations checked against the fp32 reference
 and timed against cuBLAS (F.linear) on the Llama-3-8B projections, weights rotated through enough copies that L2
 does not help. Then a kernel breakdown of one graphed Llama-3-8B decode step (random weights) at depths 0, 32K and
-128K (sparse attention past 8192 tokens).
+128K (sparse attention past 8192 tokens), and its wall time with and without programmatic dependent launch.
 
     python3 scripts/tune_decode.py [--gemv] 2>&1 | tee tune.log
 """
@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from infer.engine import bench
 from infer.engine.config import SparseConfig
-from infer.kernels import gemv
+from infer.kernels import gemv, pdl
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
@@ -56,28 +56,39 @@ def gemv_table():
 
 
 def decode_breakdown(model, depth: int, steps: int = 20):
-    """Device time per kernel of one graphed decode step at `depth` (sparse attention past 8192 tokens)."""
-    cache, step = bench.decode_at_depth(model, depth, 64, SparseConfig())
+    """Device time per kernel of one graphed decode step at `depth` (sparse attention past 8192 tokens), profiled
+    without programmatic dependent launch (with it, a kernel's time includes its wait for the one before), then the
+    step's wall time with and without it."""
+    cache, _ = bench.decode_at_depth(model, depth, 64, SparseConfig())
     tokens = torch.zeros(1, dtype=torch.long, device="cuda")
-    for _ in range(3):
-        cache.length = depth
-        step(tokens)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
+    pdl_enabled, walls = pdl.enabled, {}
+    for use_pdl in (False, True):  # a fresh graph each: the kernels compile with and without PDL
+        pdl.enabled = lambda device, use_pdl=use_pdl: use_pdl and pdl_enabled(device)
+        graphed = bench.GraphedDecode(model, cache)
+
+        def step():
             cache.length = depth
-            step(tokens)
+            graphed(tokens)
+
+        for _ in range(3):
+            step()
         torch.cuda.synchronize()
-    rows = [(e.self_device_time_total / steps, e.count // steps, e.key) for e in prof.key_averages()
-            if e.self_device_time_total > 0]
-    total = sum(r[0] for r in rows)
-    print(f"\n--- graphed decode step, llama3-8b, depth {depth}: kernel time {total:.0f} us per step")
-    for t, count, name in sorted(rows, reverse=True)[:16]:
-        print(f"  {t:8.1f} us  x{count:<4d} {name[:90]}")
-    cache.length = depth
-    wall = triton.testing.do_bench(lambda: step(tokens), warmup=20, rep=300, return_mode="median")
-    print(f"wall per step {1000 * wall:.0f} us ({1000 / wall:.1f} tok/s); kernels {total:.0f} us")
-    del cache, step
+        if not use_pdl:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    step()
+                torch.cuda.synchronize()
+            rows = [(e.self_device_time_total / steps, e.count // steps, e.key) for e in prof.key_averages()
+                    if e.self_device_time_total > 0]
+            total = sum(r[0] for r in rows)
+            print(f"\n--- graphed decode step, llama3-8b, depth {depth}: kernel time {total:.0f} us per step")
+            for t, count, name in sorted(rows, reverse=True)[:16]:
+                print(f"  {t:8.1f} us  x{count:<4d} {name[:90]}")
+        walls[use_pdl] = triton.testing.do_bench(step, warmup=20, rep=300, return_mode="median")
+    pdl.enabled = pdl_enabled
+    print(f"wall per step {1000 * walls[True]:.0f} us ({1000 / walls[True]:.1f} tok/s) with PDL, "
+          f"{1000 * walls[False]:.0f} us ({1000 / walls[False]:.1f} tok/s) without; kernels {total:.0f} us")
+    del cache, graphed
     torch.cuda.empty_cache()
 
 

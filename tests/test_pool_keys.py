@@ -62,7 +62,12 @@ def test_new_windows_with_the_length_on_the_device(kernel, stride):
     for new in [1, 20, 3, 1, 1, 9, 40, *([1] * 30), 5, 8]:  # ragged steps over one length tensor
         L += new
         keys.fill_(L)
+        done = num_summaries(L - new, kernel, stride)  # windows complete before these keys: left alone
+        old = steps[:, :done].clone()
+        steps[:, :done] = float("nan")
         pool_new_windows(k, steps, keys, new, kernel, stride)
+        assert torch.isnan(steps[:, :done]).all()
+        steps[:, :done] = old
         C = num_summaries(L, kernel, stride)
         assert torch.equal(steps[:, :C], once[:, :C]), L
         assert torch.isnan(steps[:, C:]).all()  # windows not complete yet are never written
