@@ -126,7 +126,7 @@ def choose_num_splits(max_sel, n_kv_heads, target_programs):
 
 
 def sparse_decode(q, k_cache, v_cache, L, block_idx=None, block_count=None, block_size=64, sm_scale=None,
-                  out=None, num_splits=None, target_programs=264, block_n=64, num_warps=4, num_stages=2):
+                  out=None, num_splits=None, target_programs=264, block_n=64, num_warps=4, num_stages=3):
     """Block-sparse attention of T (1..8) queries at positions L-T..L-1 (semantics: `reference`).
 
     q [Hq, T, d]; k_cache, v_cache [Hkv, max_len, d] with keys 0..L-1 live. L: int, or int32 [1] tensor on
@@ -135,6 +135,8 @@ def sparse_decode(q, k_cache, v_cache, L, block_idx=None, block_count=None, bloc
     [Hkv, 1]; both None: dense, every block 0..cdiv(L, block_size)-1. Returns o [Hq, T, d] in q's dtype
     (into `out` when given). num_splits defaults to choose_num_splits(max_sel, Hkv, target_programs), with
     max_sel = cdiv(max_len, block_size) in dense mode; target_programs=264 is two programs per SM on an H100.
+    On an H100 (64 blocks selected of 128K keys, one layer, L2 warm) 3 pipeline stages take 7.1 us, 2 take 7.7;
+    264 programs beat 132 and 528, block_n 64 beats 32, 4 warps beat 8.
     """
     Hq, T, d = q.shape
     Hkv, max_len = k_cache.shape[:2]
