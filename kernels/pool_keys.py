@@ -51,6 +51,7 @@ def _pool_keys_kernel(
 
 @triton.jit
 def _num_summaries(keys, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
+    """num_summaries on the device."""
     return tl.where(keys < KERNEL, 0, (keys - KERNEL) // STRIDE + 1)
 
 
