@@ -67,10 +67,8 @@ class Rope:
 def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The inverse of kernels.rope_append.rotate (attention factor included, as cos^2 + sin^2): x [H, T, d] -> fp32
     [H, T, d]."""
-    half = x.shape[-1] // 2
     xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos - rotated * sin) / (cos * cos + sin * sin)
+    return (xf * cos - rope_append.rotate_half(xf) * sin) / (cos * cos + sin * sin)
 
 
 def _llama3(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:

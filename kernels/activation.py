@@ -1,9 +1,9 @@
 """SwiGLU activation on the output of a fused gate/up projection: silu(gate) * up, one launch.
 
 Semantics (`reference`): gate_up [T, 2*I] holds gate in columns [0, I) and up in [I, 2*I); the result
-silu(gate) * up [T, I] is computed in fp32 and rounded once to the dtype. engine/model.py MLP computes
-F.silu(gate) * up in the model dtype, which rounds silu(gate) before the multiply: in bf16/fp16 the two may
-differ by an ulp; in fp32 they agree to fp32 rounding.
+silu(gate) * up [T, I] is computed in fp32 and rounded once to the dtype (F.silu(gate) * up in bf16/fp16, as
+Hugging Face computes it, rounds silu(gate) first: the two may differ by an ulp). `silu_times` is the fp32 math,
+shared with the gated GEMV (kernels.gemv).
 """
 
 import torch
@@ -19,14 +19,19 @@ def reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def silu_times(gate, up):
+    """silu(gate) * up of fp32 tensors, in fp32."""
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, I: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
     gate = tl.load(gu_ptr + t * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
     up = tl.load(gu_ptr + t * stride_gu + I + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
-    y = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(out_ptr + t * I + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + t * I + offs, silu_times(gate, up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

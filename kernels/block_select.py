@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from infer.kernels import pdl
-from infer.kernels.pool_keys import num_summaries
+from infer.kernels.pool_keys import num_summaries, num_summaries_on_device
 
 _TARGET_PROGRAMS = 256  # split the summaries over programs until about this many run (decode)
 
@@ -110,8 +110,8 @@ DECODE_LOGITS_MAX_T = 16  # up to this many queries pass 1 stores its logits and
 
 @triton.jit
 def _n_visible(p, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
-    """How many summaries the query at position p sees (c*STRIDE + KERNEL - 1 <= p): num_summaries(p + 1)."""
-    return tl.maximum(p + 1 - KERNEL + STRIDE, 0) // STRIDE
+    """How many summaries the query at position p sees (c*STRIDE + KERNEL - 1 <= p): those of p + 1 keys."""
+    return num_summaries_on_device(p + 1, KERNEL, STRIDE)
 
 
 @triton.jit

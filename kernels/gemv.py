@@ -53,7 +53,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, N, K, residual_scale,
         x = tl.load(x_ptr + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
         if GATED:
             up = tl.load(x_ptr + K + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)
-            x = (x / (1.0 + tl.exp(-x)) * up).to(dtype).to(tl.float32)
+            x = activation.silu_times(x, up).to(dtype).to(tl.float32)
         w_next = tl.load(w_rows + (k0 + BLOCK_K + cols)[None, :],
                          mask=row_mask[:, None] & (k0 + BLOCK_K + cols < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]

@@ -38,8 +38,8 @@ def _pool_keys_kernel(
     h = tl.program_id(0)
     if KEYS_ON_DEVICE:
         keys = tl.load(keys_ptr)
-    c = _num_summaries(keys, KERNEL, STRIDE) - 1 - tl.program_id(1)
-    if c >= _num_summaries(keys - new_keys, KERNEL, STRIDE):
+    c = num_summaries_on_device(keys, KERNEL, STRIDE) - 1 - tl.program_id(1)
+    if c >= num_summaries_on_device(keys - new_keys, KERNEL, STRIDE):
         offs_k = tl.arange(0, BLOCK_K)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_k[:, None] < KERNEL) & (offs_d[None, :] < D)
@@ -50,8 +50,8 @@ def _pool_keys_kernel(
 
 
 @triton.jit
-def _num_summaries(keys, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
-    """num_summaries on the device."""
+def num_summaries_on_device(keys, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
+    """num_summaries in a kernel."""
     return tl.where(keys < KERNEL, 0, (keys - KERNEL) // STRIDE + 1)
 
 

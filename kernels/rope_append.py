@@ -43,12 +43,16 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: f
     return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dim."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE in fp32, rounded to x's dtype: x [H, T, d], cos/sin [T, d] fp32."""
-    half = x.shape[-1] // 2
     xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 @triton.jit
