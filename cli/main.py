@@ -56,6 +56,8 @@ def speculative_options(args) -> dict:
 
 
 def sampling_overrides(args) -> dict:
+    if args.max_tokens < 1:
+        raise InferError("--max-tokens must be at least 1")
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 

@@ -144,7 +144,8 @@ def decode_at_depth(model: Transformer, depth: int, room: int, sparse: SparseCon
 def run_decode(model: Transformer, steps: int, depth: int, sparse: SparseConfig | None = None, graphs: bool = True,
                width: int = 1) -> BenchRow:
     """`steps` forward passes of `width` tokens after `depth` cached positions (random keys and values, pooled
-    when sparse), each pass feeding the argmax of the last (no host sync between passes). width 1 is plain decoding
+    when sparse), each pass feeding the argmax of the last (no host sync between passes; the engine reads each
+    token back while the next pass runs). width 1 is plain decoding
     ("tgN" rows); width k+1 is the verification of k drafts ("vN" rows: passes per second, all drafts accepted)."""
     reset_peak_memory(model)
     cache, step = decode_at_depth(model, depth, steps * width + 16, sparse, graphs)
@@ -155,8 +156,9 @@ def run_decode(model: Transformer, steps: int, depth: int, sparse: SparseConfig 
     cache.length = depth
     synchronize(cache.k.device)
     start = time.perf_counter()
-    for _ in range(steps):
-        tokens = step(tokens).argmax(-1)  # [width]
+    for _ in range(steps):  # width 1 feeds the argmax as greedy decoding does: inside the graph
+        logits = step(tokens)  # [width, V]
+        tokens = step.greedy_next if width == 1 and step.enabled else logits.argmax(-1)
     synchronize(cache.k.device)
     seconds = time.perf_counter() - start
     kv_bytes = 2 * cache.k[:, :, : depth + steps * width // 2].numel() * cache.k.element_size()

@@ -4,9 +4,13 @@ Eager decoding is bound by the host: hundreds of kernel launches per token. A gr
 Each pass is captured on first use for its key (token count, attention path of each query, rope variant), then
 replayed with the tokens and the start position copied into static buffers; every kernel of the pass reads
 positions from device tensors (see kv_cache.Positions), so one graph serves every position on the same path.
+Each pass also moves the start on by its tokens, and a one-token pass writes its logits' argmax into the token
+buffer: greedy decoding replays pass after pass with nothing between them (`greedy_next`).
 """
 
 import torch
+
+from infer.kernels import gemv
 
 from .attention import DECODE_MAX_QUERIES, uses_sparse
 from .kv_cache import KVCache
@@ -26,8 +30,16 @@ class GraphedDecode:
         device = cache.k.device
         self.tokens = torch.zeros(DECODE_MAX_QUERIES, dtype=torch.long, device=device)  # [T_max] static input
         self.start = torch.zeros(1, dtype=torch.long, device=device)  # position of tokens[0]
+        self.device_start: int | None = 0  # the value `start` holds once the queued passes ran (None: unknown)
         self.offsets = torch.arange(DECODE_MAX_QUERIES, device=device)  # [T_max]
+        self.argmax = gemv.argmax_buffer(device)
         self.memory = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
+
+    @property
+    def greedy_next(self) -> torch.Tensor:
+        """[1] on the device: the argmax of the latest one-token pass's logits, once it ran. It is the token
+        buffer itself, so `self(self.greedy_next)` feeds it to the next pass without a copy."""
+        return self.tokens[:1]
 
     def clear(self) -> None:
         """Forget the graphs (they hold the weights they were captured with: call after swapping a weight)."""
@@ -44,23 +56,32 @@ class GraphedDecode:
         num_tokens, start = tokens.shape[0], self.cache.length
         if not self.enabled or num_tokens > DECODE_MAX_QUERIES:
             return self.model(tokens, self.cache, num_logits=num_tokens)
-        self.tokens[:num_tokens].copy_(tokens, non_blocking=True)
-        self.start.fill_(start)
+        if tokens.data_ptr() != self.tokens.data_ptr():
+            self.tokens[:num_tokens].copy_(tokens, non_blocking=True)
+        if self.device_start != start:  # rolled back, or first use
+            self.start.fill_(start)
         key = self.key(num_tokens)
         if key not in self.graphs:
             self.graphs[key] = self._capture(num_tokens)
         graph, logits, selection = self.graphs[key]
         graph.replay()
-        self.cache.length = start + num_tokens
+        self.cache.length = self.device_start = start + num_tokens
         self.cache.last_selection = selection  # the buffers this graph's last sparse call writes (stats)
         return logits
 
     def _pass(self, num_tokens: int) -> torch.Tensor:
         positions = self.start + self.offsets[:num_tokens]  # [T]
-        return self.model(self.tokens[:num_tokens], self.cache, num_logits=num_tokens, positions=positions)
+        one = num_tokens == 1
+        logits = self.model(self.tokens[:num_tokens], self.cache, num_logits=num_tokens, positions=positions,
+                            argmax=self.argmax if one else None)
+        if one:
+            gemv.take_argmax(self.argmax, self.tokens[:1])
+        self.start += num_tokens
+        return logits
 
     def _capture(self, num_tokens: int):
-        start = self.cache.length
+        """Capture the pass of `num_tokens` tokens; the inputs are as found after (the warm-up ran the pass)."""
+        start, inputs = self.cache.length, (self.tokens.clone(), self.start.clone())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up off the capture: compiles the Triton kernels, sets up cuBLAS
@@ -71,4 +92,6 @@ class GraphedDecode:
         with torch.cuda.graph(graph, pool=self.memory):
             logits = self._pass(num_tokens)
         self.cache.length = start
+        self.tokens.copy_(inputs[0])
+        self.start.copy_(inputs[1])
         return graph, logits, self.cache.last_selection

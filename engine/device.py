@@ -25,3 +25,20 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so host clocks measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class PendingInt:
+    """The value of a device tensor [1] as it will be once the work queued so far has run: the copy to the host is
+    queued now, and `get` waits for it alone, not for the work queued after it."""
+
+    def __init__(self, value: torch.Tensor):
+        self.host = value.to("cpu", non_blocking=True)  # pinned when it comes from CUDA
+        self.event = None
+        if value.is_cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def get(self) -> int:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.host)

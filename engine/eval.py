@@ -167,7 +167,7 @@ def answer(engine: Engine, tokens: list[int], max_tokens: int = ANSWER_TOKENS) -
             out.append(token)
             if len(out) == max_tokens or len(tokens) + len(out) >= engine.max_len:
                 break
-            logits = engine.model(torch.tensor([token], device=engine.device), engine.cache)[-1]
+            logits = engine.decode(torch.tensor([token], device=engine.device))[-1]
         path, read = latest_read(engine.cache, engine.cache.length)
     finally:
         engine.cache.truncate(len(engine.tokens))  # the engine holds the prompt again: prefix reuse stays valid

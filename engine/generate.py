@@ -10,7 +10,7 @@ import torch
 from .attention import latest_read
 from .config import sparse_config
 from .cuda_graph import GraphedDecode
-from .device import default_device, parse_dtype, synchronize
+from .device import PendingInt, default_device, parse_dtype, synchronize
 from .errors import InferError
 from .sampling import Sampler, SamplingParams, generation_defaults
 from .speculative import MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, verify
@@ -140,11 +140,11 @@ class Engine:
         stats.stop_reason = "max tokens"
         if self.speculator is not None:
             stats.speculative = self.speculator.begin(tokens)
-        queue = [sampler(logits, history)]  # the next tokens, decided; all but the last are already cached
+        first = sampler.sample(logits, history)  # [1]
+        answer = (self._speculate if stats.speculative else self._decode_ahead)(first, sampler, history)
         done = len(tokens)  # the prompt and the answer tokens that passed every check
         try:
-            while stats.generated_tokens < params.max_tokens:
-                token = queue.pop(0)
+            for token in answer:
                 stats.generated_tokens += 1
                 if stats.generated_tokens == 1:
                     stats.first_token_seconds = time.perf_counter() - start
@@ -165,11 +165,9 @@ class Engine:
                 if done + 1 >= self.max_len:
                     stats.stop_reason = "context full"
                     break
-                if params.repetition_penalty != 1.0:
-                    history = torch.cat([history, torch.tensor([token], device=self.device)])
                 done += 1
-                if not queue:
-                    queue = self._advance(token, sampler, history)
+                if stats.generated_tokens >= params.max_tokens:
+                    break
             if stats.stop_reason != "stop string":
                 text += decoder.flush()
                 if len(text) > emitted:
@@ -178,9 +176,46 @@ class Engine:
             stats.stop_reason = "interrupted"
             raise
         finally:
-            del self.tokens[done:]  # accepted drafts the answer did not reach
+            answer.close()
+            del self.tokens[done:]  # accepted drafts, or a pass queued ahead, that the answer did not reach
             self.cache.truncate(len(self.tokens))
             self.stats.attention, self.stats.kv_read = latest_read(self.cache, len(self.tokens))
+
+    def _decode_ahead(self, first: torch.Tensor, sampler: Sampler, history: torch.Tensor) -> Iterator[int]:
+        """The answer's tokens from `first` (a device tensor [1]) on, one forward pass each, with the device one
+        pass ahead of the caller: the pass feeding a token, and the sampling of the token after it, are queued
+        before the token is read back and yielded, so the host's text work overlaps the device's next pass. A fed
+        token is in self.tokens; when the caller stops, the pass queued ahead is rolled back with it."""
+        on_device = self.decode.enabled and sampler.params.greedy and sampler.params.repetition_penalty == 1.0
+        penalty = sampler.params.repetition_penalty != 1.0
+        token = first
+        while True:
+            value = PendingInt(token)
+            fed = len(self.tokens) + 1 < self.max_len  # else the caller stops at this token: context full
+            if fed:
+                logits = self.decode(token)  # [1, V]
+                if penalty:
+                    history = torch.cat([history, token])
+                token = self.decode.greedy_next if on_device else sampler.sample(logits[0], history)
+            value = value.get()
+            if fed:
+                self.tokens.append(value)
+            yield value
+            if not fed:
+                return
+
+    def _speculate(self, first: torch.Tensor, sampler: Sampler, history: torch.Tensor) -> Iterator[int]:
+        """The answer's tokens from `first` on, as _decode_ahead yields them (each fed before it is yielded), but
+        each target pass feeding a token also verifies the drafts proposed after it."""
+        penalty = sampler.params.repetition_penalty != 1.0
+        queue = [int(first)]  # the next tokens, decided; all but the last are already cached
+        while queue:
+            token = queue.pop(0)
+            if penalty:
+                history = torch.cat([history, torch.tensor([token], device=self.device)])
+            if not queue and len(self.tokens) + 1 < self.max_len:  # else the caller stops at it: context full
+                queue = self._advance(token, sampler, history)
+            yield token
 
     def _advance(self, token: int, sampler: Sampler, history: torch.Tensor) -> list[int]:
         """Feed `token` with any drafts to follow it in one forward pass; return the drafts the target accepted

@@ -77,10 +77,14 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
-        """logits [V] float32 for the next position; history [N] ids the penalty applies to."""
+    def sample(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """The next token as a tensor [1] on logits' device (no host sync): logits [V] float32 for the next
+        position; history [N] ids the penalty applies to."""
         logits = apply_repetition_penalty(logits, history, self.params.repetition_penalty)
         if self.params.greedy:
-            return int(logits.argmax())
-        probs = probabilities(logits, self.params)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            return logits.argmax(-1, keepdim=True)
+        return torch.multinomial(probabilities(logits, self.params), 1, generator=self.generator)
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
+        """`sample` as a host int."""
+        return int(self.sample(logits, history))

@@ -69,6 +69,20 @@ def test_seeded_sampling_is_reproducible_and_stop_strings_cut(engine):
     assert cut == a[: a.index(stop)] and engine.stats.stop_reason == "stop string"
 
 
+def test_the_pass_queued_ahead_is_rolled_back(engine):
+    """Decoding runs one forward pass ahead of the text it streams. When the answer ends (max tokens, or the
+    caller closing the stream), the cache holds exactly the prompt and the answer's tokens."""
+    tokens = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[2]}])
+    text = "".join(engine.generate(tokens, SamplingParams(max_tokens=8)))
+    assert engine.stats.stop_reason == "max tokens" and engine.cache.length == len(engine.tokens) == len(tokens) + 8
+    assert engine.tokens[:len(tokens)] == tokens and engine.tokenizer.decode(engine.tokens[len(tokens):]) == text
+    stream = engine.generate(tokens, SamplingParams(max_tokens=64))
+    next(stream), next(stream)
+    stream.close()
+    assert engine.stats.stop_reason == "interrupted" and engine.cache.length == len(engine.tokens)
+    assert len(tokens) < len(engine.tokens) < len(tokens) + 8
+
+
 def test_too_long_input_is_a_clear_error(engine):
     from infer.engine.errors import InferError
 

@@ -74,6 +74,36 @@ def test_graphed_decoding_equals_one_forward(model, name):
     assert err < 2e-2, err
 
 
+@pytest.mark.parametrize("name", SPARSE)
+def test_greedy_next_feeds_the_argmax(model, name):
+    """Replaying pass after pass on greedy_next (the graph writes its argmax there) decodes what eager greedy
+    decoding does: across a capture mid-decode ("auto" turns sparse at 300) and after a rollback."""
+    from infer.engine.config import sparse_config
+    from infer.engine.cuda_graph import GraphedDecode
+
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, model.cfg.vocab_size, (250,), generator=gen).cuda()
+    first = torch.randint(0, model.cfg.vocab_size, (1,), generator=gen).cuda()
+
+    def decode(graphs: bool) -> list[int]:
+        cache = model.new_cache(1024, sparse_config(None, **SPARSE[name]) if SPARSE[name] else None)
+        model(prompt, cache)
+        step = GraphedDecode(model, cache, enabled=graphs)
+        out, token = [], first
+        for i in range(90):
+            if i == 60:  # roll back 5 passes and feed a token from the host
+                cache.truncate(cache.length - 5)
+                del out[-5:]
+                token = first
+            logits = step(token)
+            token = step.greedy_next if graphs else logits.argmax(-1)
+            assert int(token) == int(logits[0].argmax())
+            out.append(int(token))
+        return out
+
+    assert decode(True) == decode(False)
+
+
 def test_chunked_dense_prefill_equals_one_pass(model):
     """Prefill chunks after cached tokens attend through the block kernel with every block selected."""
     gen = torch.Generator().manual_seed(2)
