@@ -278,6 +278,22 @@ def _column_kernel(
 
 
 @triton.jit
+def _radix_step(bits, tau, n_ge, k_sel, unit):
+    """Decide the 2 bits of tau at `unit` (tau, n_ge: the threshold so far and the keys >= it)."""
+    n = tl.zeros(bits.shape, tl.int32)
+    for d in tl.static_range(1, 4):
+        n += (bits >= tl.minimum(tau + d * unit, 0x7FFFFFFF).to(tl.int32)).to(tl.int32)
+    one_hot = tl.full(bits.shape, 1, tl.int64) << (16 * tl.maximum(n - 1, 0)).to(tl.int64)
+    fields = tl.sum(tl.where(n > 0, one_hot, 0))
+    c3 = (fields >> 32) & 65535  # keys >= candidate 3, 2, 1
+    c2 = c3 + ((fields >> 16) & 65535)
+    c1 = c2 + (fields & 65535)
+    digit = (c1 >= k_sel).to(tl.int64) + (c2 >= k_sel).to(tl.int64) + (c3 >= k_sel).to(tl.int64)
+    n_ge = tl.where(digit == 3, c3, tl.where(digit == 2, c2, tl.where(digit == 1, c1, n_ge))).to(tl.int32)
+    return tau + digit * unit, n_ge
+
+
+@triton.jit
 def _select_kernel(
     col_ptr, score_ptr, idx_ptr, cnt_ptr, start_ptr, T,
     stride_ch, stride_ct, stride_sh, stride_st, stride_ih, stride_it, stride_nh,
@@ -288,7 +304,8 @@ def _select_kernel(
 ):
     """Pass 3, per (kv head, query tile): block scores (max over the overlapping summaries and the tile's
     t-blocks), forced blocks set to +inf, the top max(topk, forced) kept: a radix select on the float bits finds
-    the k-th largest (2 bits per step), one scan ranks the chosen blocks in ascending order."""
+    a threshold (2 bits per step, until at most that many keys pass it), one scan ranks the chosen blocks in
+    ascending order."""
     pdl.enter(PDL)
     g, i = tl.program_id(0), tl.program_id(1)
     q_start = tl.load(start_ptr)
@@ -311,20 +328,19 @@ def _select_kernel(
     p_hi = q_start + tl.minimum(i * Q_TILE + Q_TILE, T) - 1
     forced = ((b < INIT_BLOCKS) | ((b + 1) * BLOCK_SIZE - 1 >= p_lo - WINDOW + 1)) & (b * BLOCK_SIZE <= p_hi)
     key = tl.where(forced, float("inf"), score)  # non-causal blocks have no score: -inf
-    bits = tl.where(key > float("-inf"), key.to(tl.int32, bitcast=True), -1).to(tl.int64)  # keys >= 0 order as their bits
+    bits = tl.where(key > float("-inf"), key.to(tl.int32, bitcast=True), -1)  # keys >= 0 order as their bits
     k_sel = tl.maximum(tl.sum(forced.to(tl.int32)), TOPK)
-    # tau: the largest value with k_sel bits >= it (the k_sel-th largest; 0 when fewer are valid), 2 bits a step.
-    # One reduction counts the bits >= each of a step's three candidates, packed 16 bits apiece (n_blocks < 65536).
+    # tau: a threshold with k_sel keys >= it (or all valid keys, when fewer), found 2 bits a step from the top
+    # (bit 31 is 0 for every key) and stopping once no more than k_sel keys are >= it; after all 16 steps it is the
+    # k_sel-th largest key, and ties at it go to the lowest blocks. Each key passes n of a step's three candidate
+    # thresholds; one reduction of 1 << 16 (n - 1) counts the keys per n in 16-bit fields (n_blocks < 65536).
     tau = tl.full((), 0, tl.int64)
-    for step in tl.static_range(16):  # decides bits 31 - 2 * step and 30 - 2 * step (spelled out: constexpr)
-        packed = tl.zeros([BLOCK_NB], tl.int64)
-        for d in tl.static_range(1, 4):
-            packed += (bits >= tau + (d << (30 - 2 * step))).to(tl.int64) << (16 * (d - 1))
-        counts = tl.sum(packed)
-        digit = tl.full((), 0, tl.int64)  # candidates holding k_sel (the counts fall with d)
-        for d in tl.static_range(1, 4):
-            digit += ((counts >> (16 * (d - 1))) & 65535 >= k_sel).to(tl.int64)
-        tau += digit << (30 - 2 * step)
+    n_ge = tl.sum((bits >= 0).to(tl.int32))  # keys >= tau
+    step = tl.full((), 0, tl.int32)
+    while (n_ge > k_sel) & (step < 16):
+        tau, n_ge = _radix_step(bits, tau, n_ge, k_sel, tl.full((), 1, tl.int64) << (30 - 2 * step).to(tl.int64))
+        step += 1
+    tau = tau.to(tl.int32)
     gt, eq = bits > tau, bits == tau
     n_eq = k_sel - tl.sum(gt.to(tl.int32))  # ties at tau: the lowest blocks first
     rank = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # (gt so far) << 16 | (eq so far)

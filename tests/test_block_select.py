@@ -138,6 +138,19 @@ def test_local_window_edges(window, first):
     assert idx[0, 0, : int(cnt)].tolist() == list(range(first, 5))
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_ties_go_to_the_lowest_blocks(T):
+    """Equal summaries give every visible block the same score: the radix select runs all its steps and the
+    lowest unforced blocks fill the top-k."""
+    q, summaries = make_inputs(1, 4, 64, 4100, T, torch.float32)
+    C = num_summaries(4100 + T)
+    summaries[:, :C] = summaries[:, :1]
+    sel = dict(q_tile=16, topk=9, window=100)
+    got, ref = block_select(q, summaries, 4100, **sel), reference(q, summaries, 4100, **sel)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert got[0][0, 0, :9].tolist() == [0, 1, 2, 3, 4, 5, 62, 63, 64]  # sink, the lowest ties, the window
+
+
 def device_start(q_start):
     return torch.tensor([q_start], dtype=torch.int32)  # [1]
 
