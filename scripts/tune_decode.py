@@ -3,7 +3,9 @@ and timed against cuBLAS (F.linear) on the Llama-3-8B projections, weights rotat
 does not help. Then a kernel breakdown of one graphed Llama-3-8B decode step (random weights) at depths 0, 32K and
 128K (sparse attention past 8192 tokens), and its wall time with and without programmatic dependent launch.
 
-    python3 scripts/tune_decode.py [--gemv] 2>&1 | tee tune.log
+    python3 scripts/tune_decode.py [--gemv] [--select] 2>&1 | tee tune.log
+
+--fusions alone times the GEMV's RMSNorm and argmax fusions; --select adds the decode selection's chunk tunings.
 """
 
 import itertools
@@ -21,7 +23,8 @@ from infer.kernels import gemv, pdl
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
-CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in itertools.product((2, 4, 8), (512, 1024), (4, 8))]
+NORMED = {"qkv", "gate_up", "lm_head"}  # the engine fuses the RMSNorm before these
+CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
 
 
 def per_call_us(fn, weights, x) -> float:
@@ -37,14 +40,16 @@ def gemv_table():
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                    for _ in range(max(2, math.ceil(300e6 / nbytes)))]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        ref = gemv.reference(x, weights[0])
-        results = [("cublas", per_call_us(F.linear, weights, x), bench.rel_err(F.linear(x, weights[0]), ref))]
+        norm = dict(norm_weight=torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5, eps=1e-5) if name in NORMED else {}
+        ref = gemv.reference(x, weights[0], **norm)
+        results = [("cublas", per_call_us(F.linear, weights, x), math.nan)]
         for cfg in CONFIGS:
-            f = lambda x, w, cfg=cfg: gemv.gemv(x, w, **cfg)
+            f = lambda x, w, cfg=cfg: gemv.gemv(x, w, **norm, **cfg)
             results.append((str(cfg), per_call_us(f, weights, x), bench.rel_err(f(x, weights[0]), ref)))
         results.sort(key=lambda r: r[1])
         cublas = next(r for r in results if r[0] == "cublas")
-        print(f"--- {name} [{n}x{k}]: cuBLAS {cublas[1]:.1f} us = {nbytes / cublas[1] / 1e6:.2f} TB/s", flush=True)
+        print(f"--- {name} [{n}x{k}]{' with the norm' if norm else ''}: cuBLAS (no norm) {cublas[1]:.1f} us = "
+              f"{nbytes / cublas[1] / 1e6:.2f} TB/s", flush=True)
         for label, us, err in results[:5]:
             print(f"  {us:8.1f} us {nbytes / us / 1e6:5.2f} TB/s  err {err:.1e}  {label}", flush=True)
         rows.append((name, cublas[1], results[0]))
@@ -53,6 +58,57 @@ def gemv_table():
     print("\nshape    cuBLAS us  best us  best TB/s  best")
     for name, cub, (label, us, err) in rows:
         print(f"{name:8s} {cub:9.1f} {us:8.1f} {2 * SHAPES[name][0] * SHAPES[name][1] / us / 1e6:9.2f}  {label}")
+
+
+def fusion_table():
+    """The RMSNorm and argmax fusions of the GEMV against the unfused norm kernel + GEMV, per row block size."""
+    from infer.kernels import norm
+
+    for name in ("qkv", "gate_up", "lm_head"):
+        n, k = SHAPES[name]
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                   for _ in range(max(2, math.ceil(300e6 / (2 * n * k))))]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        g = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+        best = gemv.argmax_buffer(x.device)
+        unfused = per_call_us(lambda x, w: gemv.gemv(norm.rms_norm(x, g, 1e-5), w), weights, x)
+        line = [f"{name:8s} norm kernel + gemv {unfused:7.1f}"]
+        for bn, warps in ((4, 8), (8, 8), (16, 8), (8, 4)):
+            fused = per_call_us(lambda x, w: gemv.gemv(x, w, norm_weight=g, eps=1e-5, block_n=bn, num_warps=warps),
+                                weights, x)
+            plain = per_call_us(lambda x, w: gemv.gemv(x, w, block_n=bn, num_warps=warps), weights, x)
+            line.append(f"bn{bn}w{warps}: plain {plain:7.1f} norm {fused:7.1f}")
+            if name == "lm_head":
+                arg = per_call_us(lambda x, w: gemv.gemv(x, w, norm_weight=g, eps=1e-5, argmax=best, block_n=bn,
+                                                         num_warps=warps), weights, x)
+                line.append(f"+argmax {arg:7.1f}")
+        print(" | ".join(line), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+
+
+def select_table():
+    """The decode block selection (one query, device start, replayed from a CUDA graph) at 32K and 128K, with
+    caches of the bench's capacity (+144) and of exactly 128K; it must pick the blocks the int-start call picks."""
+    from infer.kernels import block_select, pool_keys
+
+    s = SparseConfig()
+    for length, capacity in ((32768, 32768 + 144), (131072, 131072 + 144), (131072, 131072)):
+        q, k, _ = bench.attention_inputs(capacity, 32, 8, 128, torch.bfloat16, "cuda")
+        q = q[:, :1].contiguous()
+        summaries = bench.new_summaries(k, s)
+        pool_keys.pool_keys(k, summaries, 0, pool_keys.num_summaries(length), s.kernel_size, s.kernel_stride)
+        start = torch.tensor([length - 1], dtype=torch.int32, device="cuda")
+        geometry = (s.kernel_size, s.kernel_stride, s.block_size, bench.DECODE_Q_TILE, s.topk, s.init_blocks,
+                    s.window_size)
+        want = block_select.block_select(q, summaries, length - 1, *geometry)
+        call = lambda: block_select.block_select(q, summaries, start, *geometry, max_len=capacity)
+        got = call()
+        same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        us = 1000 * triton.testing.do_bench_cudagraph(call, rep=50, return_mode="median")
+        print(f"select L={length} capacity {capacity}: {us:.1f} us{'' if same else ' WRONG BLOCKS'}", flush=True)
+        del q, k, summaries
+        torch.cuda.empty_cache()
 
 
 def decode_breakdown(model, depth: int, steps: int = 20):
@@ -84,6 +140,13 @@ def decode_breakdown(model, depth: int, steps: int = 20):
             print(f"\n--- graphed decode step, llama3-8b, depth {depth}: kernel time {total:.0f} us per step")
             for t, count, name in sorted(rows, reverse=True)[:16]:
                 print(f"  {t:8.1f} us  x{count:<4d} {name[:90]}")
+            gemvs = [e.device_time_total for e in prof.events() if e.name == "_gemv_kernel"]
+            per_step = 4 * model.cfg.num_layers + 1  # q/k/v, o, gate/up, down per layer, then the lm_head
+            roles = ["qkv", "o", "gate_up", "down"]
+            split = {r: sum(t for i, t in enumerate(gemvs) if i % per_step < per_step - 1 and roles[i % per_step % 4] == r)
+                     for r in roles}
+            split["lm_head"] = sum(t for i, t in enumerate(gemvs) if i % per_step == per_step - 1)
+            print("  gemv per step: " + ", ".join(f"{r} {t / steps:.0f} us" for r, t in split.items()))
         walls[use_pdl] = triton.testing.do_bench(step, warmup=20, rep=300, return_mode="median")
     pdl.enabled = pdl_enabled
     print(f"wall per step {1000 * walls[True]:.0f} us ({1000 / walls[True]:.1f} tok/s) with PDL, "
@@ -96,6 +159,13 @@ if __name__ == "__main__":
     with torch.inference_mode():
         if "--gemv" in sys.argv:
             gemv_table()
+        if "--fusions" in sys.argv:
+            fusion_table()
+            sys.exit()
+        if "--select" in sys.argv:
+            select_table()
+            if "--only" in sys.argv:
+                sys.exit()
         model = bench.random_model("llama3-8b", torch.device("cuda"), torch.bfloat16)
         for depth in (0, 32768, 131072):
             decode_breakdown(model, depth)
