@@ -25,17 +25,14 @@ class RMSNorm(nn.Module):
 
 
 def project(x: torch.Tensor, linear: nn.Linear, gated: bool = False, residual: torch.Tensor | None = None,
-            residual_scale: float = 1.0, norm: RMSNorm | None = None, argmax: torch.Tensor | None = None) -> torch.Tensor:
-    """linear(norm(x)) [T, out] (norm: an RMSNorm first), or linear(silu(gate) * up) of x = [gate | up] [T, 2 * in]
-    when gated; with a residual [T, out]: residual + residual_scale * that, the new residual stream. One row on CUDA
-    (decoding) is one GEMV kernel with the norm, the activation and the add fused (kernels.gemv; faster than cuBLAS
-    there), which also packs the row's argmax into `argmax` when given (see gemv.argmax_buffer)."""
+            residual_scale: float = 1.0, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(x) [T, out], or linear(silu(gate) * up) of x = [gate | up] [T, 2 * in] when gated; with a residual
+    [T, out]: residual + residual_scale * that, the new residual stream. One row on CUDA (decoding) is one GEMV
+    kernel with the activation and the add fused (kernels.gemv; faster than cuBLAS there), which also packs the
+    row's argmax into `argmax` when given (see gemv.argmax_buffer)."""
     if x.is_cuda and x.shape[0] == 1:
-        norm_args = {} if norm is None else dict(norm_weight=norm.weight, eps=norm.eps)
-        return gemv.gemv(x, linear.weight, linear.bias, gated, residual, residual_scale, argmax=argmax, **norm_args)
+        return gemv.gemv(x, linear.weight, linear.bias, gated, residual, residual_scale, argmax)
     assert argmax is None, "the argmax is packed by the one-row CUDA kernel only"
-    if norm is not None:
-        x = norm(x)
     if gated:
         x = (activation.silu_mul if x.is_cuda else activation.reference)(x)
     y = linear(x)
@@ -75,7 +72,7 @@ class Attention(nn.Module):
                 rope: tuple[torch.Tensor, float], cache: KVCache, layer: int) -> torch.Tensor:
         """The residual stream h [T, hidden] plus residual_scale * attention(pre_norm(h))."""
         num_tokens = h.shape[0]
-        qkv = project(h, self.qkv_proj, norm=pre_norm)  # [T, (Hq + 2 Hkv) d]
+        qkv = project(pre_norm(h), self.qkv_proj)  # [T, (Hq + 2 Hkv) d]
         qk_norms = {} if self.q_norm is None else dict(
             q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps)
         # q [Hq, T, d] rotated; k rotated and v written into the cache at pos
@@ -109,7 +106,7 @@ class MLP(nn.Module):
 
     def forward(self, h: torch.Tensor, pre_norm: RMSNorm, residual_scale: float) -> torch.Tensor:
         """The residual stream h [T, hidden] plus residual_scale * down(silu(gate) * up) of pre_norm(h)."""
-        gate_up = project(h, self.gate_up_proj, norm=pre_norm)  # [T, 2 * intermediate]
+        gate_up = project(pre_norm(h), self.gate_up_proj)  # [T, 2 * intermediate]
         return project(gate_up, self.down_proj, gated=True, residual=h, residual_scale=residual_scale)
 
 
@@ -175,7 +172,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, pos, rope, cache, i)
         cache.length = start + num_tokens
-        logits = project(h[-num_logits:], self.lm_head, norm=self.norm, argmax=argmax).float()  # [num_logits, V]
+        logits = project(self.norm(h[-num_logits:]), self.lm_head, argmax=argmax).float()  # [num_logits, V]
         return logits if self.cfg.logit_scale == 1.0 else logits * self.cfg.logit_scale
 
 

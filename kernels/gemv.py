@@ -4,16 +4,15 @@ Semantics (`reference`): x [1, K], weight [N, K] (nn.Linear layout), bias [N] or
 accumulated in fp32 and rounded once, with optionally
 - gated: x [1, 2K] = [gate | up] read as kernels.activation.reference(x) = silu(gate) * up, rounded to the dtype
   as the activation kernel rounds it (the SwiGLU down projection needs no activation kernel);
-- an RMSNorm before it (norm_weight [K], eps): y = (W (x * norm_weight)) * rsqrt(mean(x^2) + eps), all in fp32
-  (Hugging Face rounds the normalised row to the dtype first; the difference is that rounding). Every program sums
-  x^2 as it walks x anyway and scales its outputs at the end, so the weight reads never wait for the norm (an
-  earlier version normalised x up front and lost: +244 us per Llama-3-8B token on an H100 against the 146 us of
-  norm kernels it saved);
 - a residual add after it: y -> (residual + y * residual_scale) in fp32, rounded once (the o and down projections
   write the new residual stream);
 - argmax (an argmax_buffer): the row's argmax (lowest index among equal maxima of the rounded y) is also packed
-  into it, by atomic maxima over ARGMAX_SLOTS addresses (one would serialize the programs), for greedy decoding
+  into it, by atomic maxima spread over ARGMAX_SLOTS addresses (not all programs on one), for greedy decoding
   on the device; `take_argmax` reads it out and empties the buffer.
+Fusing the RMSNorm before the q/k/v, gate/up and lm_head projections lost twice on an H100 (Llama-3-8B decode
+step): normalising x up front in every program (+244 us per token against the 146 us of norm kernels saved), and
+summing x^2 while walking x with the scale applied at the end (5474 against 5460 us per step at depth 0, 6288
+against 6233 at 32K, same process; faster in isolation, slower in the step).
 
 Each program owns BLOCK_N rows of W and walks K in BLOCK_K steps, multiply-adding into a fp32 [BLOCK_N, BLOCK_K]
 tile summed once at the end. On an H100 (scripts/tune_decode.py --gemv, Llama-3-8B projections, weights not in L2) it reads
@@ -28,14 +27,10 @@ from infer.kernels import activation, pdl
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
-              residual: torch.Tensor | None = None, residual_scale: float = 1.0,
-              norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+              residual: torch.Tensor | None = None, residual_scale: float = 1.0) -> torch.Tensor:
     if gated:
         x = activation.reference(x)
-    xf = x.float()  # [T, K]
-    if norm_weight is not None:
-        xf = xf * norm_weight.float() * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = xf @ weight.float().T  # [T, N]
+    y = x.float() @ weight.float().T  # [T, N]
     if bias is not None:
         y = y + bias.float()
     y = y.to(x.dtype)
@@ -50,9 +45,8 @@ ARGMAX_SLOTS = 64
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, out_ptr, best_ptr, N, K, residual_scale, eps,
-                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
-                 ARGMAX: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, residual_scale,
+                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, ARGMAX: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PDL: tl.constexpr):
     dtype = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -64,23 +58,17 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, out_ptr, best_ptr, N, K, re
     w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
     pdl.enter(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_K], dtype=tl.float32)  # NORM: the running sum of x^2
     for k0 in range(0, K, BLOCK_K):
         k_mask = k0 + cols < K
         x = tl.load(x_ptr + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
         if GATED:
             up = tl.load(x_ptr + K + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)
             x = activation.silu_times(x, up).to(dtype).to(tl.float32)
-        if NORM:
-            squares += x * x
-            x *= tl.load(nw_ptr + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)
         w_next = tl.load(w_rows + (k0 + BLOCK_K + cols)[None, :],
                          mask=row_mask[:, None] & (k0 + BLOCK_K + cols < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
         w = w_next
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
-    if NORM:
-        y *= tl.rsqrt(tl.sum(squares) / K + eps)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if RESIDUAL:
@@ -115,26 +103,22 @@ def take_argmax(best: torch.Tensor, token: torch.Tensor) -> None:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
-         residual: torch.Tensor | None = None, residual_scale: float = 1.0,
-         norm_weight: torch.Tensor | None = None, eps: float = 0.0, argmax: torch.Tensor | None = None,
-         block_n: int | None = None, block_k: int = 1024, num_warps: int = 4) -> torch.Tensor:
+         residual: torch.Tensor | None = None, residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
+         block_n: int = 4, block_k: int = 1024, num_warps: int | None = None) -> torch.Tensor:
     """`reference` for x [1, K] (or [1, 2K] gated) with a contiguous last dim; weight [N, K] contiguous;
     residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the output's argmax into.
-    block_n (rows per program) defaults to 4, or 8 with the norm, whose epilogue then runs half as often (H100,
-    scripts/tune_decode.py --gemv, Llama-3-8B, weights not in L2: q/k/v with the norm 18.1 us, o 11.9, gate/up
-    with the norm 77.3, down 39.2, lm_head with the norm 331.8; cuBLAS without the norm 20.8, 16.6, 81.6, 44.5,
-    374.8)."""
+    Warps default to 4, or 8 when gated (the SiLU of each x tile). H100, Llama-3-8B, weights not in L2
+    (scripts/tune_decode.py --gemv): q/k/v 18.4 us, o 11.9, gate/up 76.9, lm_head 331.5 against cuBLAS's 20.8, 16.6,
+    81.6, 374.8; the gated down projection took 53 us per layer of a decode step with 4 warps, 42 with 8."""
     N, K = weight.shape
-    block_n = block_n or (4 if norm_weight is None else 8)
+    num_warps = num_warps or (8 if gated else 4)
     assert x.shape == (1, 2 * K if gated else K) and x.stride(1) == 1 and weight.is_contiguous()
     assert residual is None or (residual.shape == (1, N) and residual.is_contiguous())
-    assert norm_weight is None or (not gated and norm_weight.shape == (K,) and norm_weight.is_contiguous())
     assert argmax is None or (argmax.shape == (ARGMAX_SLOTS,) and argmax.dtype == torch.int64)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)  # [1, N]
     _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, weight if bias is None else bias, weight if residual is None else residual,
-        weight if norm_weight is None else norm_weight, out, out if argmax is None else argmax, N, K,
-        residual_scale, eps, HAS_BIAS=bias is not None, GATED=gated, RESIDUAL=residual is not None,
-        NORM=norm_weight is not None, ARGMAX=argmax is not None, SLOTS=ARGMAX_SLOTS, BLOCK_N=block_n,
+        x, weight, weight if bias is None else bias, weight if residual is None else residual, out,
+        out if argmax is None else argmax, N, K, residual_scale, HAS_BIAS=bias is not None, GATED=gated,
+        RESIDUAL=residual is not None, ARGMAX=argmax is not None, SLOTS=ARGMAX_SLOTS, BLOCK_N=block_n,
         BLOCK_K=min(block_k, triton.next_power_of_2(K)), num_warps=num_warps, **pdl.launch(x.device))
     return out

@@ -5,7 +5,7 @@ does not help. Then a kernel breakdown of one graphed Llama-3-8B decode step (ra
 
     python3 scripts/tune_decode.py [--gemv] [--select] 2>&1 | tee tune.log
 
---fusions alone times the GEMV's RMSNorm and argmax fusions; --select adds the decode selection's chunk tunings.
+--select also times the decode block selection at 32K and 128K before the breakdown (--only: and stops there).
 """
 
 import itertools
@@ -23,7 +23,6 @@ from infer.kernels import gemv, pdl
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
-NORMED = {"qkv", "gate_up", "lm_head"}  # the engine fuses the RMSNorm before these
 CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
 
 
@@ -39,16 +38,17 @@ def gemv_table():
         nbytes = 2 * n * k
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                    for _ in range(max(2, math.ceil(300e6 / nbytes)))]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        norm = dict(norm_weight=torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5, eps=1e-5) if name in NORMED else {}
-        ref = gemv.reference(x, weights[0], **norm)
-        results = [("cublas", per_call_us(F.linear, weights, x), math.nan)]
+        gated = name == "down"  # the engine's down projection reads silu(gate) * up of x = [gate | up]
+        x = torch.randn(1, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16)
+        options = dict(gated=True) if gated else {}
+        ref = gemv.reference(x, weights[0], **options)
+        results = [("cublas", per_call_us(F.linear, weights, x[:, :k]), math.nan)]
         for cfg in CONFIGS:
-            f = lambda x, w, cfg=cfg: gemv.gemv(x, w, **norm, **cfg)
+            f = lambda x, w, cfg=cfg: gemv.gemv(x, w, **options, **cfg)
             results.append((str(cfg), per_call_us(f, weights, x), bench.rel_err(f(x, weights[0]), ref)))
         results.sort(key=lambda r: r[1])
         cublas = next(r for r in results if r[0] == "cublas")
-        print(f"--- {name} [{n}x{k}]{' with the norm' if norm else ''}: cuBLAS (no norm) {cublas[1]:.1f} us = "
+        print(f"--- {name} [{n}x{k}]{' gated' if gated else ''}: cuBLAS (not gated) {cublas[1]:.1f} us = "
               f"{nbytes / cublas[1] / 1e6:.2f} TB/s", flush=True)
         for label, us, err in results[:5]:
             print(f"  {us:8.1f} us {nbytes / us / 1e6:5.2f} TB/s  err {err:.1e}  {label}", flush=True)
@@ -58,33 +58,6 @@ def gemv_table():
     print("\nshape    cuBLAS us  best us  best TB/s  best")
     for name, cub, (label, us, err) in rows:
         print(f"{name:8s} {cub:9.1f} {us:8.1f} {2 * SHAPES[name][0] * SHAPES[name][1] / us / 1e6:9.2f}  {label}")
-
-
-def fusion_table():
-    """The RMSNorm and argmax fusions of the GEMV against the unfused norm kernel + GEMV, per row block size."""
-    from infer.kernels import norm
-
-    for name in ("qkv", "gate_up", "lm_head"):
-        n, k = SHAPES[name]
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-                   for _ in range(max(2, math.ceil(300e6 / (2 * n * k))))]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        g = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-        best = gemv.argmax_buffer(x.device)
-        unfused = per_call_us(lambda x, w: gemv.gemv(norm.rms_norm(x, g, 1e-5), w), weights, x)
-        line = [f"{name:8s} norm kernel + gemv {unfused:7.1f}"]
-        for bn, warps in ((4, 8), (8, 8), (16, 8), (8, 4)):
-            fused = per_call_us(lambda x, w: gemv.gemv(x, w, norm_weight=g, eps=1e-5, block_n=bn, num_warps=warps),
-                                weights, x)
-            plain = per_call_us(lambda x, w: gemv.gemv(x, w, block_n=bn, num_warps=warps), weights, x)
-            line.append(f"bn{bn}w{warps}: plain {plain:7.1f} norm {fused:7.1f}")
-            if name == "lm_head":
-                arg = per_call_us(lambda x, w: gemv.gemv(x, w, norm_weight=g, eps=1e-5, argmax=best, block_n=bn,
-                                                         num_warps=warps), weights, x)
-                line.append(f"+argmax {arg:7.1f}")
-        print(" | ".join(line), flush=True)
-        del weights
-        torch.cuda.empty_cache()
 
 
 def select_table():
@@ -159,9 +132,6 @@ if __name__ == "__main__":
     with torch.inference_mode():
         if "--gemv" in sys.argv:
             gemv_table()
-        if "--fusions" in sys.argv:
-            fusion_table()
-            sys.exit()
         if "--select" in sys.argv:
             select_table()
             if "--only" in sys.argv:

@@ -5,7 +5,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kerne
 import pytest
 import torch
 
-from infer.kernels import activation, gemv, norm
+from infer.kernels import activation, gemv
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
@@ -46,22 +46,6 @@ def test_fusions_equal_the_unfused_kernels(scale):
     g = inputs(48, 320, torch.float16, gated=True, seed=4)
     unfused = gemv.gemv(activation.silu_mul(g["x"]), g["weight"], block_k=128)
     torch.testing.assert_close(gemv.gemv(**g, block_k=128), unfused, rtol=0, atol=1e-3)
-
-
-@pytest.mark.parametrize("N, K, dtype, options", [
-    (40, 96, torch.float32, {}),
-    (64, 1500, torch.float16, dict(bias=True)),  # several K steps
-    (96, 2100, torch.float16, dict(residual=True)),
-])
-def test_rms_norm_before_the_projection(N, K, dtype, options):
-    """gemv(x, norm_weight=w) equals the projection of RMSNorm(x) * w, and the unfused norm kernel to rounding."""
-    args = inputs(N, K, dtype, **options, seed=N)
-    norm_weight = (1 + 0.3 * torch.randn(K, generator=torch.Generator().manual_seed(N))).to(dtype)
-    got = gemv.gemv(**args, norm_weight=norm_weight, eps=1e-5, block_k=512)
-    ref = gemv.reference(**args, norm_weight=norm_weight, eps=1e-5)
-    torch.testing.assert_close(got, ref, **TOL[dtype])
-    unfused = gemv.reference(**dict(args, x=norm.reference(args["x"], norm_weight, 1e-5)))
-    torch.testing.assert_close(got, unfused, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("N, block_n, ties", [(37, 4, False), (300, 8, False), (300, 4, True)])

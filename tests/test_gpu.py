@@ -347,8 +347,7 @@ def test_silu_mul(T, I):
 
 @pytest.mark.parametrize("N, K, options", [(6144, 4096, {}), (4096, 14336, dict(gated=True, residual=True)),
                                         (1000, 896, dict(bias=True)), (4096, 4096, dict(residual=True, scale=0.2)),
-                                        (151936, 896, {}), (6144, 4096, dict(norm=True)),
-                                        (1000, 896, dict(bias=True, norm=True)), (128256, 4096, dict(norm=True))])
+                                        (151936, 896, {}), (128256, 4096, {})])
 def test_gemv(N, K, options):
     from infer.kernels.gemv import argmax_buffer, gemv, reference, take_argmax
 
@@ -358,8 +357,6 @@ def test_gemv(N, K, options):
                 bias=randn(N, gen=gen) if options.get("bias") else None,
                 gated=options.get("gated", False), residual=4 * randn(1, N, gen=gen) if options.get("residual") else None,
                 residual_scale=scale)
-    if options.get("norm"):
-        args.update(norm_weight=1 + 0.3 * randn(K, gen=gen), eps=1e-5)
     best, token = argmax_buffer(DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)
     got, ref = gemv(**args, argmax=best), reference(**args)
     assert got.shape == (1, N) and rel_err(got, ref) < 1e-2 and mostly_equal(got, ref, 0.9)
