@@ -145,8 +145,8 @@ def run_decode(model: Transformer, steps: int, depth: int, sparse: SparseConfig 
                width: int = 1) -> BenchRow:
     """`steps` forward passes of `width` tokens after `depth` cached positions (random keys and values, pooled
     when sparse), each pass feeding the argmax of the last (no host sync between passes; the engine reads each
-    token back while the next pass runs). width 1 is plain decoding
-    ("tgN" rows); width k+1 is the verification of k drafts ("vN" rows: passes per second, all drafts accepted)."""
+    token back while the next pass runs). width 1 is plain decoding ("tgN" rows); width k+1 is the verification
+    of k drafts ("vN" rows: passes per second, all drafts accepted)."""
     reset_peak_memory(model)
     cache, step = decode_at_depth(model, depth, steps * width + 16, sparse, graphs)
     tokens = torch.zeros(width, dtype=torch.long, device=cache.k.device)

@@ -186,8 +186,8 @@ class Engine:
         pass ahead of the caller: the pass feeding a token, and the sampling of the token after it, are queued
         before the token is read back and yielded, so the host's text work overlaps the device's next pass. A fed
         token is in self.tokens; when the caller stops, the pass queued ahead is rolled back with it."""
-        on_device = self.decode.enabled and sampler.params.greedy and sampler.params.repetition_penalty == 1.0
         penalty = sampler.params.repetition_penalty != 1.0
+        on_device = self.decode.enabled and sampler.params.greedy and not penalty  # the graph's argmax is the token
         token = first
         while True:
             value = PendingInt(token)

@@ -74,7 +74,7 @@ def select_table():
         start = torch.tensor([length - 1], dtype=torch.int32, device="cuda")
         geometry = (s.kernel_size, s.kernel_stride, s.block_size, bench.DECODE_Q_TILE, s.topk, s.init_blocks,
                     s.window_size)
-        want = block_select.block_select(q, summaries, length - 1, *geometry)
+        want = bench.decode_select(q, summaries, length, s)  # sized to the live keys
         call = lambda: block_select.block_select(q, summaries, start, *geometry, max_len=capacity)
         got = call()
         same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -116,9 +116,9 @@ def decode_breakdown(model, depth: int, steps: int = 20):
             gemvs = [e.device_time_total for e in prof.events() if e.name == "_gemv_kernel"]
             per_step = 4 * model.cfg.num_layers + 1  # q/k/v, o, gate/up, down per layer, then the lm_head
             roles = ["qkv", "o", "gate_up", "down"]
-            split = {r: sum(t for i, t in enumerate(gemvs) if i % per_step < per_step - 1 and roles[i % per_step % 4] == r)
-                     for r in roles}
-            split["lm_head"] = sum(t for i, t in enumerate(gemvs) if i % per_step == per_step - 1)
+            split = dict.fromkeys(roles + ["lm_head"], 0.0)
+            for i, t in enumerate(gemvs):
+                split["lm_head" if i % per_step == per_step - 1 else roles[i % per_step % 4]] += t
             print("  gemv per step: " + ", ".join(f"{r} {t / steps:.0f} us" for r, t in split.items()))
         walls[use_pdl] = triton.testing.do_bench(step, warmup=20, rep=300, return_mode="median")
     pdl.enabled = pdl_enabled
