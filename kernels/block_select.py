@@ -104,7 +104,7 @@ def reference(
 # Tuning of the GPU pipeline (H100): rows (head, query pairs) per program, summaries per step, warps and pipeline
 # stages of pass 1 (lse_*) and pass 2 (col_*); rows head-major (r = head*BLOCK_T + query) or query-major.
 TUNING = dict(lse_rows=128, lse_block_c=64, lse_warps=4, col_rows=128, col_block_c=64, col_warps=4, num_stages=3,
-              head_major=True)
+              head_major=True, radix_bits=4)
 DECODE_LOGITS_MAX_T = 16  # up to this many queries pass 1 stores its logits and pass 2 reads them back
 
 
@@ -278,19 +278,16 @@ def _column_kernel(
 
 
 @triton.jit
-def _radix_step(bits, tau, n_ge, k_sel, unit):
-    """Decide the 2 bits of tau at `unit` (tau, n_ge: the threshold so far and the keys >= it)."""
-    n = tl.zeros(bits.shape, tl.int32)
-    for d in tl.static_range(1, 4):
-        n += (bits >= tl.minimum(tau + d * unit, 0x7FFFFFFF).to(tl.int32)).to(tl.int32)
-    one_hot = tl.full(bits.shape, 1, tl.int64) << (16 * tl.maximum(n - 1, 0)).to(tl.int64)
-    fields = tl.sum(tl.where(n > 0, one_hot, 0))
-    c3 = (fields >> 32) & 65535  # keys >= candidate 3, 2, 1
-    c2 = c3 + ((fields >> 16) & 65535)
-    c1 = c2 + (fields & 65535)
-    digit = (c1 >= k_sel).to(tl.int64) + (c2 >= k_sel).to(tl.int64) + (c3 >= k_sel).to(tl.int64)
-    n_ge = tl.where(digit == 3, c3, tl.where(digit == 2, c2, tl.where(digit == 1, c1, n_ge))).to(tl.int32)
-    return tau + digit * unit, n_ge
+def _radix_step(bits, tau, n_ge, k_sel, shift, RADIX: tl.constexpr):
+    """Decide the digit of tau at bits shift.. (tau, n_ge: the threshold so far and the keys >= it): the largest
+    d < RADIX with at least k_sel keys >= tau + d << shift."""
+    passed = tl.minimum(tl.maximum((bits - tau) >> shift, 0), RADIX - 1)  # candidates d = 1.. each key reaches
+    hist = tl.histogram(passed, RADIX)  # [RADIX]
+    at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # [RADIX]: keys >= tau + d << shift (d >= 1)
+    d = tl.arange(0, RADIX)
+    digit = tl.sum(((at_least >= k_sel) & (d >= 1)).to(tl.int32))
+    n_ge = tl.where(digit > 0, tl.sum(tl.where(d == digit, at_least, 0)), n_ge)
+    return tau + (digit << shift), n_ge
 
 
 @triton.jit
@@ -300,11 +297,11 @@ def _select_kernel(
     KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
     BLOCK_T: tl.constexpr, TB_PER_TILE: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
     WINDOW: tl.constexpr, MAX_SEL: tl.constexpr, N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr,
-    BLOCK_SEL: tl.constexpr, STORE_SCORES: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_SEL: tl.constexpr, RADIX_BITS: tl.constexpr, STORE_SCORES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Pass 3, per (kv head, query tile): block scores (max over the overlapping summaries and the tile's
     t-blocks), forced blocks set to +inf, the top max(topk, forced) kept: a radix select on the float bits finds
-    a threshold (2 bits per step, until at most that many keys pass it), one scan ranks the chosen blocks in
+    a threshold (RADIX_BITS bits per step, until at most that many keys pass it), one scan ranks the chosen blocks in
     ascending order."""
     pdl.enter(PDL)
     g, i = tl.program_id(0), tl.program_id(1)
@@ -330,17 +327,15 @@ def _select_kernel(
     key = tl.where(forced, float("inf"), score)  # non-causal blocks have no score: -inf
     bits = tl.where(key > float("-inf"), key.to(tl.int32, bitcast=True), -1)  # keys >= 0 order as their bits
     k_sel = tl.maximum(tl.sum(forced.to(tl.int32)), TOPK)
-    # tau: a threshold with k_sel keys >= it (or all valid keys, when fewer), found 2 bits a step from the top
-    # (bit 31 is 0 for every key) and stopping once no more than k_sel keys are >= it; after all 16 steps it is the
-    # k_sel-th largest key, and ties at it go to the lowest blocks. Each key passes n of a step's three candidate
-    # thresholds; one reduction of 1 << 16 (n - 1) counts the keys per n in 16-bit fields (n_blocks < 65536).
-    tau = tl.full((), 0, tl.int64)
+    # tau: a threshold with k_sel keys >= it (or all valid keys, when fewer), found RADIX_BITS bits a step from the
+    # top (bit 31 is 0 for every key; the last step overlaps bits already decided), stopping once no more than k_sel
+    # keys are >= it; after the last step it is the k_sel-th largest key, and ties at it go to the lowest blocks.
+    tau = tl.full((), 0, tl.int32)
     n_ge = tl.sum((bits >= 0).to(tl.int32))  # keys >= tau
-    step = tl.full((), 0, tl.int32)
-    while (n_ge > k_sel) & (step < 16):
-        tau, n_ge = _radix_step(bits, tau, n_ge, k_sel, tl.full((), 1, tl.int64) << (30 - 2 * step).to(tl.int64))
-        step += 1
-    tau = tau.to(tl.int32)
+    shift = tl.full((), 31 - RADIX_BITS, tl.int32)
+    while (n_ge > k_sel) & (shift > -RADIX_BITS):
+        tau, n_ge = _radix_step(bits, tau, n_ge, k_sel, tl.maximum(shift, 0), 1 << RADIX_BITS)
+        shift -= RADIX_BITS
     gt, eq = bits > tau, bits == tau
     n_eq = k_sel - tl.sum(gt.to(tl.int32))  # ties at tau: the lowest blocks first
     rank = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # (gt so far) << 16 | (eq so far)
@@ -444,7 +439,7 @@ def block_select(
         KERNEL=kernel, STRIDE=stride, BLOCK_SIZE=block_size, Q_TILE=q_tile, BLOCK_T=BLOCK_T,
         TB_PER_TILE=min(q_tile // BLOCK_T, n_tb), TOPK=topk, INIT_BLOCKS=init_blocks, WINDOW=window,
         MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1, BLOCK_NB=BLOCK_NB,
-        BLOCK_SEL=triton.next_power_of_2(max_sel), STORE_SCORES=scores is not None,
+        BLOCK_SEL=triton.next_power_of_2(max_sel), RADIX_BITS=cfg["radix_bits"], STORE_SCORES=scores is not None,
         num_warps=min(8, max(4, BLOCK_NB // 256)),  # H100/H200: 8 beat 4 at 2048 blocks, 16 at 2048 and 4096
         **pdl.launch(dev),
     )
