@@ -2,10 +2,10 @@
 
 Eager decoding is bound by the host: hundreds of kernel launches per token. A graph launches them all at once.
 Each pass is captured on first use for its key (token count, attention path of each query, rope variant), then
-replayed with the tokens and the start position copied into static buffers; every kernel of the pass reads
-positions from device tensors (see kv_cache.Positions), so one graph serves every position on the same path.
-Each pass also moves the start on by its tokens, and a one-token pass writes its logits' argmax into the token
-buffer: greedy decoding replays pass after pass with nothing between them (`greedy_next`).
+replayed with the tokens and the positions in static buffers; every kernel of the pass reads positions from device
+tensors (see kv_cache.Positions), so one graph serves every position on the same path. Each pass also moves the
+positions on by its tokens, and a one-token pass writes its logits' argmax into the token buffer: greedy decoding
+replays pass after pass with nothing between them (`greedy_next`).
 """
 
 import torch
@@ -13,7 +13,7 @@ import torch
 from infer.kernels import gemv
 
 from .attention import DECODE_MAX_QUERIES, uses_sparse
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Positions
 from .model import Transformer
 
 
@@ -29,9 +29,11 @@ class GraphedDecode:
             return
         device = cache.k.device
         self.tokens = torch.zeros(DECODE_MAX_QUERIES, dtype=torch.long, device=device)  # [T_max] static input
-        self.start = torch.zeros(1, dtype=torch.long, device=device)  # position of tokens[0]
-        self.device_start: int | None = 0  # the value `start` holds once the queued passes ran (None: unknown)
-        self.offsets = torch.arange(DECODE_MAX_QUERIES, device=device)  # [T_max]
+        # [2, T_max] int32: the positions of tokens[0..] (kv_cache.Positions.ids32), then the keys each sees (ends)
+        self.positions = torch.zeros(2, DECODE_MAX_QUERIES, dtype=torch.int32, device=device)
+        steps = torch.arange(DECODE_MAX_QUERIES, dtype=torch.int32, device=device)  # [T_max]
+        self.offsets = torch.stack([steps, steps + 1])  # [2, T_max]: positions at start 0
+        self.device_start: int | None = None  # positions[0, 0] once the queued passes ran (None: unknown)
         self.argmax = gemv.argmax_buffer(device)
         self.memory = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
 
@@ -59,7 +61,7 @@ class GraphedDecode:
         if tokens.data_ptr() != self.tokens.data_ptr():
             self.tokens[:num_tokens].copy_(tokens, non_blocking=True)
         if self.device_start != start:  # rolled back, or first use
-            self.start.fill_(start)
+            torch.add(self.offsets, start, out=self.positions)
         key = self.key(num_tokens)
         if key not in self.graphs:
             self.graphs[key] = self._capture(num_tokens)
@@ -70,18 +72,20 @@ class GraphedDecode:
         return logits
 
     def _pass(self, num_tokens: int) -> torch.Tensor:
-        positions = self.start + self.offsets[:num_tokens]  # [T]
+        ids, ends = self.positions[:, :num_tokens]  # [T] each
+        pos = Positions(self.cache.length, ids, ids, ends)
         one = num_tokens == 1
-        logits = self.model(self.tokens[:num_tokens], self.cache, num_logits=num_tokens, positions=positions,
+        logits = self.model(self.tokens[:num_tokens], self.cache, num_logits=num_tokens, pos=pos,
                             argmax=self.argmax if one else None)
         if one:
-            gemv.take_argmax(self.argmax, self.tokens[:1])
-        self.start += num_tokens
+            gemv.take_argmax(self.argmax, self.tokens[:1], advance=self.positions)
+        else:
+            self.positions += num_tokens
         return logits
 
     def _capture(self, num_tokens: int):
         """Capture the pass of `num_tokens` tokens; the inputs are as found after (the warm-up ran the pass)."""
-        start, inputs = self.cache.length, (self.tokens.clone(), self.start.clone())
+        start, inputs = self.cache.length, (self.tokens.clone(), self.positions.clone())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up off the capture: compiles the Triton kernels, sets up cuBLAS
@@ -93,5 +97,5 @@ class GraphedDecode:
             logits = self._pass(num_tokens)
         self.cache.length = start
         self.tokens.copy_(inputs[0])
-        self.start.copy_(inputs[1])
+        self.positions.copy_(inputs[1])
         return graph, logits, self.cache.last_selection

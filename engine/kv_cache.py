@@ -24,7 +24,7 @@ class Positions:
     captured at one position replays correctly at another."""
 
     start: int  # = ids[0]
-    ids: torch.Tensor  # [T] int64 absolute positions
+    ids: torch.Tensor  # [T] absolute positions, int64 (int32 in a CUDA graph's pass: then the same as ids32)
     ids32: torch.Tensor  # [T] int32, for the kernels
     ends: torch.Tensor  # [T] int32: the keys visible to each query, ids + 1
 
@@ -55,26 +55,18 @@ class KVCache:
             max_summaries = max(1, pool_keys.num_summaries(max_len, sparse.kernel_size, sparse.kernel_stride))
             self.summaries = torch.empty(num_layers, num_kv_heads, max_summaries, head_dim, dtype=dtype, device=device)  # [layers, Hkv, C, d]
 
-    def pool(self, layer: int, pos: Positions) -> None:
-        """Pool the windows that the keys just written at `pos` complete (one layer; no-op without sparse)."""
-        if self.sparse is None:
-            return
+    def pool_nope(self, layer: int, pos: Positions) -> None:
+        """use_nope: pool the windows that the keys just written at `pos` complete from the keys before RoPE (one
+        layer). Without use_nope, kernels.rope_append pools the rotated keys as it appends them."""
         kernel, stride = self.sparse.kernel_size, self.sparse.kernel_stride
-        num_new = pos.ids.shape[0]
-        if self.k.is_cuda and not self.sparse.use_nope:  # lengths read on the device: capturable
-            pool_keys.pool_new_windows(self.k[layer], self.summaries[layer], pos.ends[-1:], num_new, kernel, stride)
-            return
-        end = pos.start + num_new
+        end = pos.start + pos.ids.shape[0]
         first, last = pool_keys.num_summaries(pos.start, kernel, stride), pool_keys.num_summaries(end, kernel, stride)
         if last <= first:
             return
-        if self.sparse.use_nope:
-            lo, hi = first * stride, (last - 1) * stride + kernel  # the keys of the new windows
-            cos, sin = self.rope.cos_sin(torch.arange(lo, hi, device=self.k.device), end)  # [hi - lo, d]
-            keys = unapply_rope(self.k[layer, :, lo:hi], cos, sin)  # [Hkv, hi - lo, d] fp32, before RoPE
-            self.summaries[layer, :, first:last] = pool_keys.reference(keys, 0, last - first, kernel, stride)
-        else:
-            self.summaries[layer, :, first:last] = pool_keys.reference(self.k[layer], first, last, kernel, stride)
+        lo, hi = first * stride, (last - 1) * stride + kernel  # the keys of the new windows
+        cos, sin = self.rope.cos_sin(torch.arange(lo, hi, device=self.k.device), end)  # [hi - lo, d]
+        keys = unapply_rope(self.k[layer, :, lo:hi], cos, sin)  # [Hkv, hi - lo, d] fp32, before RoPE
+        self.summaries[layer, :, first:last] = pool_keys.reference(keys, 0, last - first, kernel, stride)
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (rolled-back drafts, a new turn that diverges, /reset)."""

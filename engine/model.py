@@ -25,13 +25,15 @@ class RMSNorm(nn.Module):
 
 
 def project(x: torch.Tensor, linear: nn.Linear, gated: bool = False, residual: torch.Tensor | None = None,
-            residual_scale: float = 1.0, argmax: torch.Tensor | None = None) -> torch.Tensor:
+            residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """linear(x) [T, out], or linear(silu(gate) * up) of x = [gate | up] [T, 2 * in] when gated; with a residual
     [T, out]: residual + residual_scale * that, the new residual stream. One row on CUDA (decoding) is one GEMV
     kernel with the activation and the add fused (kernels.gemv; faster than cuBLAS there), which also packs the
-    row's argmax into `argmax` when given (see gemv.argmax_buffer)."""
+    row's argmax into `argmax` when given (see gemv.argmax_buffer) and writes out_dtype (values rounded to x's
+    dtype either way); other shapes return x's dtype."""
     if x.is_cuda and x.shape[0] == 1:
-        return gemv.gemv(x, linear.weight, linear.bias, gated, residual, residual_scale, argmax)
+        return gemv.gemv(x, linear.weight, linear.bias, gated, residual, residual_scale, argmax, out_dtype)
     assert argmax is None, "the argmax is packed by the one-row CUDA kernel only"
     if gated:
         x = (activation.silu_mul if x.is_cuda else activation.reference)(x)
@@ -75,13 +77,17 @@ class Attention(nn.Module):
         qkv = project(pre_norm(h), self.qkv_proj)  # [T, (Hq + 2 Hkv) d]
         qk_norms = {} if self.q_norm is None else dict(
             q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps)
-        # q [Hq, T, d] rotated; k rotated and v written into the cache at pos
+        # q [Hq, T, d] rotated; k rotated and v written into the cache at pos, and the summaries of the windows they
+        # complete (use_nope summaries pool the keys before RoPE: cache.pool_nope)
+        sparse = cache.sparse
+        pool = {} if sparse is None or sparse.use_nope else dict(
+            summaries=cache.summaries[layer], kernel=sparse.kernel_size, stride=sparse.kernel_stride)
         rope_append_fn = rope_append.rope_append if h.is_cuda else rope_append.reference
         q = rope_append_fn(qkv, pos.ids, *rope, cache.k[layer], cache.v[layer], self.num_heads, self.num_kv_heads,
-                           self.head_dim, **qk_norms)
-        cache.pool(layer, pos)
+                           self.head_dim, **qk_norms, **pool)
         q_score = None
-        if cache.sparse is not None and cache.sparse.use_nope:  # blocks are scored with the queries before RoPE
+        if sparse is not None and sparse.use_nope:  # blocks are scored with the queries before RoPE
+            cache.pool_nope(layer, pos)
             q_score = qkv[:, :self.num_heads * self.head_dim].reshape(num_tokens * self.num_heads, self.head_dim)
             if self.q_norm is not None:
                 q_score = self.q_norm(q_score)
@@ -154,17 +160,16 @@ class Transformer(nn.Module):
                        self.rope)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1,
-                positions: torch.Tensor | None = None, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1, pos: Positions | None = None,
+                argmax: torch.Tensor | None = None) -> torch.Tensor:
         """Run tokens [T] at positions cache.length.. and return logits [num_logits, vocab] (float32) of the last ones.
 
-        positions [T] int64: those positions as a device tensor (default: made here). A CUDA graph of a decode-sized
-        pass passes its own buffer and replays at other positions (see Positions). argmax: a gemv.argmax_buffer that
-        receives the logits' argmax (one token on CUDA: greedy decoding without leaving the device)."""
+        pos: those positions (default: made here). A CUDA graph of a decode-sized pass passes its own buffers and
+        replays at other positions (see Positions). argmax: a gemv.argmax_buffer that receives the logits' argmax
+        (one token on CUDA: greedy decoding without leaving the device)."""
         start, num_tokens = cache.length, tokens.shape[0]
-        if positions is None:
-            positions = torch.arange(start, start + num_tokens, device=tokens.device)
-        pos = Positions.of(start, positions)
+        if pos is None:
+            pos = Positions.of(start, torch.arange(start, start + num_tokens, device=tokens.device))
         rope = self.rope.scaling(start + num_tokens)
         h = self.embed_tokens(tokens)  # [T, hidden], the residual stream
         if self.cfg.scale_emb != 1.0:
@@ -172,7 +177,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, pos, rope, cache, i)
         cache.length = start + num_tokens
-        logits = project(self.norm(h[-num_logits:]), self.lm_head, argmax=argmax).float()  # [num_logits, V]
+        logits = project(self.norm(h[-num_logits:]), self.lm_head, argmax=argmax, out_dtype=torch.float32)
+        logits = logits.float()  # [num_logits, V]: already float32 from the one-row GEMV
         return logits if self.cfg.logit_scale == 1.0 else logits * self.cfg.logit_scale
 
 

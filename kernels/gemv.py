@@ -48,7 +48,7 @@ ARGMAX_SLOTS = 64
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, residual_scale,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, ARGMAX: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     cols = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     row_mask = rows < N
@@ -74,7 +74,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, residual_s
     if RESIDUAL:
         r = tl.load(r_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         y = r + y.to(dtype).to(tl.float32) * residual_scale
-    tl.store(out_ptr + rows, y.to(dtype), mask=row_mask)
+    tl.store(out_ptr + rows, y.to(dtype).to(out_ptr.dtype.element_ty), mask=row_mask)
     if ARGMAX:  # pack (value's bits ordered as floats, ~row) so that one int64 max picks the first maximum
         y = tl.where(row_mask, y.to(dtype).to(tl.float32), float("-inf"))
         top = tl.max(y)
@@ -85,11 +85,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, residual_s
 
 
 @triton.jit
-def _take_argmax_kernel(best_ptr, token_ptr, SLOTS: tl.constexpr):
+def _take_argmax_kernel(best_ptr, token_ptr, advance_ptr, n_advance,
+                        SLOTS: tl.constexpr, ADVANCE: tl.constexpr, BLOCK_ADVANCE: tl.constexpr):
     slots = tl.arange(0, SLOTS)
     best = tl.max(tl.load(best_ptr + slots))
     tl.store(token_ptr, -(best & _LOW32) + _LOW32)
     tl.store(best_ptr + slots, tl.full([SLOTS], _NO_ARGMAX, tl.int64))
+    if ADVANCE:
+        i = tl.arange(0, BLOCK_ADVANCE)
+        tl.store(advance_ptr + i, tl.load(advance_ptr + i, mask=i < n_advance) + 1, mask=i < n_advance)
 
 
 def argmax_buffer(device: torch.device) -> torch.Tensor:
@@ -97,16 +101,22 @@ def argmax_buffer(device: torch.device) -> torch.Tensor:
     return torch.full((ARGMAX_SLOTS,), _NO_ARGMAX.value, dtype=torch.int64, device=device)
 
 
-def take_argmax(best: torch.Tensor, token: torch.Tensor) -> None:
-    """Write the row index packed in the argmax buffer `best` into token (int64 [1]) and empty the buffer."""
-    _take_argmax_kernel[(1,)](best, token, SLOTS=ARGMAX_SLOTS)
+def take_argmax(best: torch.Tensor, token: torch.Tensor, advance: torch.Tensor | None = None) -> None:
+    """Write the row index packed in the argmax buffer `best` into token (int64 [1]) and empty the buffer; add 1
+    to every element of `advance` (contiguous int32: the positions of a decode graph, moved on to the token's)."""
+    assert advance is None or (advance.dtype == torch.int32 and advance.is_contiguous())
+    n = 0 if advance is None else advance.numel()
+    _take_argmax_kernel[(1,)](best, token, best if advance is None else advance, n, SLOTS=ARGMAX_SLOTS,
+                              ADVANCE=advance is not None, BLOCK_ADVANCE=triton.next_power_of_2(max(n, 1)))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
          residual: torch.Tensor | None = None, residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
-         block_n: int = 4, block_k: int = 1024, num_warps: int | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, block_n: int = 4, block_k: int = 1024,
+         num_warps: int | None = None) -> torch.Tensor:
     """`reference` for x [1, K] (or [1, 2K] gated) with a contiguous last dim; weight [N, K] contiguous;
-    residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the output's argmax into.
+    residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the output's argmax into; out_dtype: the
+    output's dtype (default x's; the values are rounded to x's dtype either way: float32 saves logits a cast).
     Warps default to 4, or 8 when gated (the SiLU of each x tile). H100, Llama-3-8B, weights not in L2
     (scripts/tune_decode.py --gemv): q/k/v 18.4 us, o 11.9, gate/up 76.9, lm_head 331.5 against cuBLAS's 20.8, 16.6,
     81.6, 374.8; the gated down projection took 53 us per layer of a decode step with 4 warps, 42 with 8."""
@@ -115,7 +125,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert x.shape == (1, 2 * K if gated else K) and x.stride(1) == 1 and weight.is_contiguous()
     assert residual is None or (residual.shape == (1, N) and residual.is_contiguous())
     assert argmax is None or (argmax.shape == (ARGMAX_SLOTS,) and argmax.dtype == torch.int64)
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device)  # [1, N]
+    out = torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device)  # [1, N]
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, weight if bias is None else bias, weight if residual is None else residual, out,
         out if argmax is None else argmax, N, K, residual_scale, HAS_BIAS=bias is not None, GATED=gated,

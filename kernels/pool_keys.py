@@ -8,8 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-from infer.kernels import pdl
-
 
 def num_summaries(L: int, kernel: int = 32, stride: int = 16) -> int:
     """Number of complete pooling windows over L keys."""
@@ -27,26 +25,19 @@ def reference(k: torch.Tensor, start: int, end: int, kernel: int = 32, stride: i
 
 @triton.jit
 def _pool_keys_kernel(
-    k_ptr, s_ptr, keys_ptr, keys, new_keys,
-    stride_kh, stride_kl, stride_sh, stride_sc,
-    D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, KEYS_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
+    k_ptr, s_ptr, first, stride_kh, stride_kl, stride_sh, stride_sc,
+    D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (h, i): kv head h, the i-th newest window complete with `keys` keys, if the last new_keys keys
-    completed it (else nothing: in decode, 15 steps of 16 pool nothing)."""
-    pdl.enter(PDL)
+    """Program (h, i): window first + i of kv head h."""
     h = tl.program_id(0)
-    if KEYS_ON_DEVICE:
-        keys = tl.load(keys_ptr)
-    c = num_summaries_on_device(keys, KERNEL, STRIDE) - 1 - tl.program_id(1)
-    if c >= num_summaries_on_device(keys - new_keys, KERNEL, STRIDE):
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_k[:, None] < KERNEL) & (offs_d[None, :] < D)
-        ptrs = k_ptr + h * stride_kh + (c * STRIDE + offs_k)[:, None] * stride_kl + offs_d[None, :]
-        k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_D]
-        mean = tl.sum(k, axis=0) / KERNEL  # [BLOCK_D]
-        tl.store(s_ptr + h * stride_sh + c * stride_sc + offs_d, mean.to(s_ptr.dtype.element_ty), mask=offs_d < D)
+    c = first + tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_k[:, None] < KERNEL) & (offs_d[None, :] < D)
+    ptrs = k_ptr + h * stride_kh + (c * STRIDE + offs_k)[:, None] * stride_kl + offs_d[None, :]
+    k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_D]
+    mean = tl.sum(k, axis=0) / KERNEL  # [BLOCK_D]
+    tl.store(s_ptr + h * stride_sh + c * stride_sc + offs_d, mean.to(s_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 @triton.jit
@@ -55,41 +46,20 @@ def num_summaries_on_device(keys, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
     return tl.where(keys < KERNEL, 0, (keys - KERNEL) // STRIDE + 1)
 
 
-def _launch(k, summaries, keys, new_keys, kernel, stride):
-    """Write the windows that the last `new_keys` of `keys` keys (int, or int32 tensor [1] read on the device)
-    complete."""
-    Hkv, _, d = k.shape
-    assert k.stride(-1) == 1 and summaries.stride(-1) == 1
-    on_device = isinstance(keys, torch.Tensor)
-    _pool_keys_kernel[(Hkv, triton.cdiv(new_keys, stride))](  # at most cdiv(new_keys, stride) windows complete
-        k, summaries, keys if on_device else k, 0 if on_device else keys, new_keys,
-        k.stride(0), k.stride(1), summaries.stride(0), summaries.stride(1),
-        D=d, KERNEL=kernel, STRIDE=stride,
-        BLOCK_K=triton.next_power_of_2(kernel), BLOCK_D=triton.next_power_of_2(d), KEYS_ON_DEVICE=on_device,
-        **pdl.launch(k.device),
-    )
-
-
 def pool_keys(
     k: torch.Tensor, summaries: torch.Tensor, start: int, end: int, kernel: int = 32, stride: int = 16
 ) -> None:
-    """Write summaries[:, c] for windows c in [start, end), in place.
+    """Write summaries[:, c] for windows c in [start, end), in place (the decode path pools as it appends:
+    kernels.rope_append).
 
     k: [Hkv, max_len, d] (last dim contiguous), summaries: [Hkv, max_summaries, d] (last dim contiguous).
     """
     assert (end - 1) * stride + kernel <= k.shape[1] and end <= summaries.shape[1]
+    assert k.stride(-1) == 1 and summaries.stride(-1) == 1
     if end > start:
-        keys = (end - 1) * stride + kernel  # window end - 1 is the last complete one
-        done = 0 if start == 0 else (start - 1) * stride + kernel  # keys that complete windows 0 .. start - 1
-        _launch(k, summaries, keys, keys - done, kernel, stride)
-
-
-def pool_new_windows(
-    k: torch.Tensor, summaries: torch.Tensor, keys: torch.Tensor, new_keys: int, kernel: int = 32, stride: int = 16
-) -> None:
-    """Write the summaries of the windows completed by the last `new_keys` of `keys` keys, in place.
-
-    keys: int32 tensor [1] on k's device, read by the kernel: the launch depends only on new_keys, so a CUDA graph
-    can replay it at any length.
-    """
-    _launch(k, summaries, keys, new_keys, kernel, stride)
+        Hkv, _, d = k.shape
+        _pool_keys_kernel[(Hkv, end - start)](
+            k, summaries, start, k.stride(0), k.stride(1), summaries.stride(0), summaries.stride(1),
+            D=d, KERNEL=kernel, STRIDE=stride, BLOCK_K=triton.next_power_of_2(kernel),
+            BLOCK_D=triton.next_power_of_2(d),
+        )

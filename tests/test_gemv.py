@@ -56,8 +56,11 @@ def test_argmax_packed_by_the_gemv(N, block_n, ties):
     if ties:  # equal top rows in different programs: rows 290, 17 and 130 give the same largest output
         args["weight"][[17, 130, 290]] = 2 * args["weight"][0].abs() * args["x"][0].sign()
     best, token = gemv.argmax_buffer(args["x"].device), torch.zeros(1, dtype=torch.long)
-    for _ in range(2):  # the second pass finds the buffer emptied
-        y = gemv.gemv(**args, argmax=best, block_n=block_n)
-        gemv.take_argmax(best, token)
-        assert int(token) == int(y[0].float().argmax()) and (not ties or int(token) == 17)
+    positions = torch.tensor([[5, 6, 7], [6, 7, 8]], dtype=torch.int32)
+    for i in range(2):  # the second pass finds the buffer emptied
+        y = gemv.gemv(**args, argmax=best, block_n=block_n, out_dtype=torch.float32)
+        gemv.take_argmax(best, token, advance=positions)
+        assert y.dtype == torch.float32 and torch.equal(y, y.half().float())  # rounded to x's dtype
+        assert int(token) == int(y[0].argmax()) and (not ties or int(token) == 17)
         assert (best == -(1 << 63)).all()
+        assert positions.tolist() == [[6 + i, 7 + i, 8 + i], [7 + i, 8 + i, 9 + i]]

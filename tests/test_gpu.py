@@ -394,6 +394,34 @@ def test_rope_append(Hq, Hkv, d, T, qk_norm):
     assert k_cache.isnan().sum() == ref_k.isnan().sum()  # nothing else written
 
 
+@pytest.mark.parametrize("T", [1, 5, 300])
+def test_rope_append_pools_the_windows_its_keys_complete(T):
+    """Consecutive calls of T tokens near 128K write the summary of each window they complete, as pool_keys
+    computes it from the cache they leave, and no other."""
+    from infer.kernels.pool_keys import num_summaries, reference as pool_reference
+    from infer.kernels.rope_append import rope_append
+
+    Hq, Hkv, d, max_len = 32, 8, 128, 131072
+    gen = torch.Generator().manual_seed(T)
+    start = max_len - 3 * T - 7
+    k_cache = torch.full((Hkv, max_len, d), float("nan"), dtype=DTYPE, device=DEVICE)
+    k_cache[:, start - 64:start] = randn(Hkv, 64, d, gen=gen)  # the keys before: only windows' tails matter
+    v_cache = k_cache.clone()
+    summaries = torch.full((Hkv, num_summaries(max_len), d), float("nan"), dtype=DTYPE, device=DEVICE)
+    inv_freq = (1.0 / 5e5 ** (torch.arange(0, d, 2).float() / d)).to(DEVICE)
+    done = num_summaries(start)
+    for L in range(start, start + 3 * T, T):
+        qkv = randn(T, (Hq + 2 * Hkv) * d, gen=gen)
+        positions = torch.arange(L, L + T, device=DEVICE, dtype=torch.int32)
+        rope_append(qkv, positions, inv_freq, 1.0, k_cache, v_cache, Hq, Hkv, d, summaries=summaries)
+        written = num_summaries(L + T)
+        if written > done:
+            want = pool_reference(k_cache, done, written)
+            assert rel_err(summaries[:, done:written], want) < 1e-2 and mostly_equal(summaries[:, done:written], want)
+        assert summaries[:, :num_summaries(start)].isnan().all() and summaries[:, written:].isnan().all()
+        done = written
+
+
 def test_rope_append_cuda_graph_replays_at_new_positions():
     from infer.kernels.rope_append import reference, rope_append
 

@@ -5,7 +5,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kerne
 import pytest
 import torch
 
-from infer.kernels.pool_keys import num_summaries, pool_keys, pool_new_windows, reference
+from infer.kernels.pool_keys import num_summaries, pool_keys, reference
 
 
 def test_num_summaries():
@@ -47,27 +47,3 @@ def test_incremental_pooling_equals_pooling_once():
         written = C
         assert torch.isnan(steps[:, C:]).all()  # nothing past the requested windows is written
     assert torch.equal(steps[:, :written], once[:, :written])
-
-
-@pytest.mark.parametrize("kernel, stride", [(32, 16), (24, 12), (16, 16)])
-def test_new_windows_with_the_length_on_the_device(kernel, stride):
-    torch.manual_seed(2)
-    Hkv, d, max_len = 2, 64, 300
-    k = torch.randn(Hkv, max_len, d, dtype=torch.float16)
-    once = torch.zeros(Hkv, 30, d, dtype=torch.float16)
-    pool_keys(k, once, 0, num_summaries(max_len, kernel, stride), kernel, stride)
-    steps = torch.full_like(once, float("nan"))
-    keys = torch.zeros(1, dtype=torch.int32)
-    L = 0
-    for new in [1, 20, 3, 1, 1, 9, 40, *([1] * 30), 5, 8]:  # ragged steps over one length tensor
-        L += new
-        keys.fill_(L)
-        done = num_summaries(L - new, kernel, stride)  # windows complete before these keys: left alone
-        old = steps[:, :done].clone()
-        steps[:, :done] = float("nan")
-        pool_new_windows(k, steps, keys, new, kernel, stride)
-        assert torch.isnan(steps[:, :done]).all()
-        steps[:, :done] = old
-        C = num_summaries(L, kernel, stride)
-        assert torch.equal(steps[:, :C], once[:, :C]), L
-        assert torch.isnan(steps[:, C:]).all()  # windows not complete yet are never written

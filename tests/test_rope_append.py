@@ -8,6 +8,8 @@ import torch
 from infer.engine.config import ModelConfig, RopeConfig
 from infer.engine.model import RMSNorm
 from infer.engine.rope import Rope
+from infer.kernels import pool_keys
+from infer.kernels.pool_keys import num_summaries
 from infer.kernels.rope_append import reference, rope_append
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -98,3 +100,54 @@ def test_strided_qkv_and_cache_views():
     torch.testing.assert_close(q, ref_q, **TOL[torch.float16])
     check_caches(k_all[1], v_all[1], ref_k, ref_v, positions, torch.float16)
     assert k_all[[0, 2]].isnan().all() and v_all[[0, 2]].isnan().all()  # other layers untouched
+
+
+@pytest.mark.parametrize("kernel, stride, qk_norm, dtype", [(32, 16, False, torch.float16), (24, 12, True, torch.float32),
+                                                            (16, 16, False, torch.float32)])
+def test_summaries_pooled_as_the_keys_are_appended(kernel, stride, qk_norm, dtype):
+    """Calls of ragged lengths at consecutive positions (prefill chunks, decode steps, verification passes) write
+    the summary of every window their keys complete, equal to pooling the cache afterwards, and nothing else."""
+    Hq, Hkv, d, max_len = 4, 2, 64, 300
+    rope = make_rope(Hq, Hkv, d)
+    inv_freq, attention_factor = rope.scaling(max_len)
+    gen = torch.Generator().manual_seed(kernel)
+    norms = dict(q_norm_weight=(1 + 0.2 * torch.randn(d, generator=gen)).to(dtype),
+                 k_norm_weight=(1 + 0.2 * torch.randn(d, generator=gen)).to(dtype), eps=1e-6) if qk_norm else {}
+    k_cache = torch.full((Hkv, max_len, d), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    summaries = torch.full((Hkv, num_summaries(max_len, kernel, stride), d), float("nan"), dtype=dtype)
+    ref_summaries = summaries.clone()
+    pool = dict(kernel=kernel, stride=stride)
+    L = 0
+    for T in [45, 1, 1, 5, 40, *([1] * 20), 8, 3, 100]:
+        qkv = torch.randn(T, (Hq + 2 * Hkv) * d, generator=gen).to(dtype)
+        positions = torch.arange(L, L + T)
+        ref_q = reference(qkv, positions, inv_freq, attention_factor, ref_k, ref_v, Hq, Hkv, d, **norms,
+                          summaries=ref_summaries, **pool)
+        q = rope_append(qkv, positions, inv_freq, attention_factor, k_cache, v_cache, Hq, Hkv, d, **norms,
+                        summaries=summaries, **pool)
+        L += T
+        C = num_summaries(L, kernel, stride)
+        torch.testing.assert_close(q, ref_q, **TOL[dtype])
+        torch.testing.assert_close(k_cache[:, :L], ref_k[:, :L], **TOL[dtype])
+        if C:
+            pooled = pool_keys.reference(k_cache, 0, C, kernel, stride)
+            torch.testing.assert_close(summaries[:, :C], pooled, **TOL[dtype])
+            torch.testing.assert_close(ref_summaries[:, :C], pooled, **TOL[dtype])
+        assert summaries[:, C:].isnan().all() and ref_summaries[:, C:].isnan().all()
+
+
+def test_rope_at_positions_past_100k():
+    """Llama-3 frequencies at positions near 128K, where the kernel reduces the angles by 2 pi itself."""
+    Hq, Hkv, d, T = 2, 1, 128, 4
+    rope = make_rope(Hq, Hkv, d, RopeConfig(theta=500000.0))
+    qkv, _, k_cache, v_cache = setup(Hq, Hkv, d, T, torch.float32, max_len=8, seed=5)
+    positions = torch.tensor([131071, 105000, 99999, 123457])
+    big_k = torch.full((Hkv, 131072, d), float("nan"))
+    ref_k = big_k.clone()
+    inv_freq, attention_factor = rope.scaling(131072)
+    ref_q = reference(qkv, positions, inv_freq, attention_factor, ref_k, ref_k.clone(), Hq, Hkv, d)
+    q = rope_append(qkv, positions, inv_freq, attention_factor, big_k, big_k.clone(), Hq, Hkv, d)
+    torch.testing.assert_close(q, ref_q, **TOL[torch.float32])
+    torch.testing.assert_close(big_k[:, positions], ref_k[:, positions], **TOL[torch.float32])
