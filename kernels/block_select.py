@@ -13,11 +13,12 @@ block_count [Hkv, n_tiles], both int32.
 
 GPU (block_select), three launches and no host sync: pass 1 computes each (head, query) row's log-sum-exp over
 its visible summaries (split over programs when there are few rows, as in decode); pass 2 recomputes the logits
-(up to DECODE_LOGITS_MAX_T queries, as in decode, pass 1 stores them and pass 2 reads them back instead) and
-writes, per (kv head, t-block of queries, summary), the probabilities summed over the group's heads and maxed
+and writes, per (kv head, t-block of queries, summary), the probabilities summed over the group's heads and maxed
 over the queries; pass 3, one program per (kv head, tile), max-pools those to blocks, forces the sink and window
-blocks (+inf) and keeps the top ones by a radix select on the float bits (ties: lowest block first). On CPU the
-engine uses reference_scores and select_blocks, the same selection in plain torch.
+blocks (+inf) and keeps the top ones by a radix select on the float bits (ties: lowest block first). Up to
+DECODE_LOGITS_MAX_T queries (decode), pass 1 also stores the logits and pass 3 computes the probabilities from
+them itself: two launches. On CPU the engine uses reference_scores and select_blocks, the same selection in plain
+torch.
 
 The kernels read q_start from a device int32 [1] tensor and derive the live counts (summaries, blocks, each split's
 share of the summaries) from it. The host sizes grids and scratch either to the live counts (an int q_start) or to
@@ -105,7 +106,7 @@ def reference(
 # stages of pass 1 (lse_*) and pass 2 (col_*); rows head-major (r = head*BLOCK_T + query) or query-major.
 TUNING = dict(lse_rows=128, lse_block_c=64, lse_warps=4, col_rows=128, col_block_c=64, col_warps=4, num_stages=3,
               head_major=True, radix_bits=4)
-DECODE_LOGITS_MAX_T = 16  # up to this many queries pass 1 stores its logits and pass 2 reads them back
+DECODE_LOGITS_MAX_T = 16  # up to this many queries pass 1 stores its logits and pass 3 reads them (no pass 2)
 
 
 @triton.jit
@@ -211,17 +212,11 @@ def _lse_kernel(
 
 
 @triton.jit
-def _logits_t(q, s_ptr, x_rows, row_ok, g, c0, c_hi, qk_scale, stride_sh, stride_sc,
-              D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_LOGITS: tl.constexpr):
-    """(Logits of summaries c0 .. c0+BLOCK_C-1 against the rows, transposed [BLOCK_C, rows], their ids [BLOCK_C]):
-    recomputed, or read back from pass 1."""
-    if FROM_LOGITS:
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        xt = tl.load(x_rows[None, :] + offs_c[:, None], mask=row_ok[None, :] & (offs_c < c_hi)[:, None], other=0.0)
-    else:
-        s, offs_c = _load_summaries(s_ptr, g, c0, c_hi, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
-        xt = tl.dot(s, tl.trans(q)) * qk_scale
-    return xt, offs_c
+def _logits_t(q, s_ptr, g, c0, c_hi, qk_scale, stride_sh, stride_sc,
+              D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(Logits of summaries c0 .. c0+BLOCK_C-1 against the rows, transposed [BLOCK_C, rows], their ids [BLOCK_C])."""
+    s, offs_c = _load_summaries(s_ptr, g, c0, c_hi, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
+    return tl.dot(s, tl.trans(q)) * qk_scale, offs_c
 
 
 @triton.jit
@@ -237,11 +232,11 @@ def _store_columns(col_ptr, pt, offs_c, c_hi,
 
 @triton.jit
 def _column_kernel(
-    q_ptr, s_ptr, lse_ptr, x_ptr, col_ptr, start_ptr, T, max_splits, lse_splits, qk_scale,
-    stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_xh, stride_xt, stride_ch, stride_ct,
+    q_ptr, s_ptr, lse_ptr, col_ptr, start_ptr, T, max_splits, lse_splits, qk_scale,
+    stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_ch, stride_ct,
     G: tl.constexpr, D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    LSE_BLOCK_C: tl.constexpr, HEAD_MAJOR: tl.constexpr, FROM_LOGITS: tl.constexpr, PDL: tl.constexpr,
+    LSE_BLOCK_C: tl.constexpr, HEAD_MAJOR: tl.constexpr, PDL: tl.constexpr,
 ):
     """Pass 2: per summary of one split, the probabilities summed over the group's heads, max over the t-block's
     queries that see it (invisible pairs count 0, never above a real probability). Summaries are the rows of the
@@ -253,7 +248,6 @@ def _column_kernel(
     q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D,
                                      HEAD_MAJOR)
     pos = q_start + t  # [rows]
-    x_rows = x_ptr + (g * G + hl) * stride_xh + t * stride_xt  # [rows]
     offs_s = tl.arange(0, BLOCK_S)
     parts = tl.load(lse_ptr + ((g * G + hl) * stride_lh + t * stride_lt)[:, None] + offs_s[None, :],
                     mask=row_ok[:, None] & (offs_s < lse_splits)[None, :], other=float("-inf"))  # [rows, BLOCK_S]
@@ -266,12 +260,10 @@ def _column_kernel(
     c_lo, c_mid, c_hi = _summary_range(q_start, T, tb, max_splits, KERNEL, STRIDE, BLOCK_T, BLOCK_C)
     col_ptr += g * stride_ch + tb * stride_ct
     for c0 in range(c_lo, c_mid, BLOCK_C):  # every query sees the whole chunk
-        xt, offs_c = _logits_t(q, s_ptr, x_rows, row_ok, g, c0, c_hi, qk_scale, stride_sh, stride_sc,
-                               D, BLOCK_C, BLOCK_D, FROM_LOGITS)
+        xt, offs_c = _logits_t(q, s_ptr, g, c0, c_hi, qk_scale, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
         _store_columns(col_ptr, tl.exp2(xt - lse[None, :]), offs_c, c_hi, BLOCK_G, BLOCK_T, BLOCK_C, HEAD_MAJOR)
     for c0 in range(c_mid, c_hi, BLOCK_C):
-        xt, offs_c = _logits_t(q, s_ptr, x_rows, row_ok, g, c0, c_hi, qk_scale, stride_sh, stride_sc,
-                               D, BLOCK_C, BLOCK_D, FROM_LOGITS)
+        xt, offs_c = _logits_t(q, s_ptr, g, c0, c_hi, qk_scale, stride_sh, stride_sc, D, BLOCK_C, BLOCK_D)
         visible = offs_c[:, None] * STRIDE + KERNEL - 1 <= pos[None, :]
         _store_columns(col_ptr, tl.where(visible, tl.exp2(xt - lse[None, :]), 0.0), offs_c, c_hi,
                        BLOCK_G, BLOCK_T, BLOCK_C, HEAD_MAJOR)
@@ -292,17 +284,20 @@ def _radix_step(bits, tau, n_ge, k_sel, shift, RADIX: tl.constexpr):
 
 @triton.jit
 def _select_kernel(
-    col_ptr, score_ptr, idx_ptr, cnt_ptr, start_ptr, T,
-    stride_ch, stride_ct, stride_sh, stride_st, stride_ih, stride_it, stride_nh,
-    KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
+    col_ptr, x_ptr, lse_ptr, score_ptr, idx_ptr, cnt_ptr, start_ptr, T, lse_splits,
+    stride_ch, stride_ct, stride_xh, stride_xt, stride_lh, stride_lt, stride_sh, stride_st, stride_ih, stride_it,
+    stride_nh,
+    G: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
     BLOCK_T: tl.constexpr, TB_PER_TILE: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
     WINDOW: tl.constexpr, MAX_SEL: tl.constexpr, N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr,
-    BLOCK_SEL: tl.constexpr, RADIX_BITS: tl.constexpr, STORE_SCORES: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_SEL: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    LSE_BLOCK_C: tl.constexpr, FROM_LOGITS: tl.constexpr, STORE_SCORES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Pass 3, per (kv head, query tile): block scores (max over the overlapping summaries and the tile's
     t-blocks), forced blocks set to +inf, the top max(topk, forced) kept: a radix select on the float bits finds
     a threshold (RADIX_BITS bits per step, until at most that many keys pass it), one scan ranks the chosen blocks in
-    ascending order."""
+    ascending order. FROM_LOGITS (a few queries, one tile): the summary scores come straight from pass 1's logits
+    and log-sum-exp partials, and there is no pass 2."""
     pdl.enter(PDL)
     g, i = tl.program_id(0), tl.program_id(1)
     q_start = tl.load(start_ptr)
@@ -310,15 +305,37 @@ def _select_kernel(
     c_first = tl.maximum(b * BLOCK_SIZE - KERNEL + STRIDE, 0) // STRIDE  # first summary overlapping block b
     c_last = ((b + 1) * BLOCK_SIZE - 1) // STRIDE
     score = tl.full([BLOCK_NB], float("-inf"), tl.float32)
-    for k in tl.static_range(TB_PER_TILE):
-        tb = i * (Q_TILE // BLOCK_T) + k
-        p_last = q_start + tl.minimum(tb * BLOCK_T + BLOCK_T, T) - 1
-        n_vis = tl.where(tb * BLOCK_T < T, _n_visible(p_last, KERNEL, STRIDE), 0)
-        for j in tl.static_range(N_OVERLAP):
-            c = c_first + j
-            v = tl.load(col_ptr + g * stride_ch + tb * stride_ct + c, mask=(c <= c_last) & (c < n_vis),
-                        other=float("-inf"))
-            score = tl.maximum(score, v)
+    if FROM_LOGITS:
+        hl = tl.arange(0, BLOCK_G)  # the group's heads
+        offs_s = tl.arange(0, BLOCK_S)
+        _, n_lse = _splits(q_start, T, lse_splits, KERNEL, STRIDE, LSE_BLOCK_C)
+        for t in range(0, T):
+            rows = (g * G + hl) * stride_lh + t * stride_lt  # [BLOCK_G]
+            parts = tl.load(lse_ptr + rows[:, None] + offs_s[None, :],
+                            mask=(hl < G)[:, None] & (offs_s < n_lse)[None, :], other=float("-inf"))
+            m = tl.max(parts, axis=1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            lse = m + tl.log2(tl.sum(tl.exp2(parts - m[:, None]), axis=1))  # [BLOCK_G]
+            lse = tl.where(hl < G, lse, float("inf"))  # padding heads: probability 0
+            x_rows = x_ptr + (g * G + hl) * stride_xh + t * stride_xt  # [BLOCK_G]
+            n_vis = _n_visible(q_start + t, KERNEL, STRIDE)
+            for j in tl.static_range(N_OVERLAP):
+                c = c_first + j
+                seen = (c <= c_last) & (c < n_vis)  # [BLOCK_NB]
+                x = tl.load(x_rows[None, :] + c[:, None], mask=seen[:, None] & (hl < G)[None, :],
+                            other=float("-inf"))  # [BLOCK_NB, BLOCK_G] logits, log2 domain
+                prob = tl.sum(tl.exp2(x - lse[None, :]), axis=1)  # summed over the group's heads
+                score = tl.maximum(score, tl.where(seen, prob, float("-inf")))
+    else:
+        for k in tl.static_range(TB_PER_TILE):
+            tb = i * (Q_TILE // BLOCK_T) + k
+            p_last = q_start + tl.minimum(tb * BLOCK_T + BLOCK_T, T) - 1
+            n_vis = tl.where(tb * BLOCK_T < T, _n_visible(p_last, KERNEL, STRIDE), 0)
+            for j in tl.static_range(N_OVERLAP):
+                c = c_first + j
+                v = tl.load(col_ptr + g * stride_ch + tb * stride_ct + c, mask=(c <= c_last) & (c < n_vis),
+                            other=float("-inf"))
+                score = tl.maximum(score, v)
     if STORE_SCORES:
         tl.store(score_ptr + g * stride_sh + i * stride_st + b, score, mask=b * BLOCK_SIZE < q_start + T)
     p_lo = q_start + i * Q_TILE
@@ -412,18 +429,19 @@ def block_select(
         logits.stride(0), logits.stride(1), **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["lse_block_c"],
         STORE_LOGITS=from_logits, num_warps=cfg["lse_warps"], num_stages=cfg["num_stages"], **pdl.launch(dev),
     )
-    # Pass 2: t-blocks inside one query tile; col [Hkv, n_tb, C], written where seen by the t-block's last query.
+    # Pass 2 (not with from_logits: pass 3 reads pass 1's logits): t-blocks inside one query tile; col [Hkv, n_tb,
+    # C], written where seen by the t-block's last query.
     BLOCK_T = max(min(q_tile, triton.next_power_of_2(T), cfg["col_rows"] // BLOCK_G), min_t)
     n_tb = triton.cdiv(T, BLOCK_T)
-    col_splits = _max_splits(Hkv * n_tb)
-    col = torch.empty((Hkv, n_tb, C16), dtype=torch.float32, device=dev)
-    _column_kernel[(Hkv, n_tb, min(col_splits, triton.cdiv(max(C, 1), cfg["col_block_c"])))](
-        q, summaries, lse, logits, col, start, T, col_splits, lse_splits, qk_scale, *strides,
-        lse.stride(0), lse.stride(1), logits.stride(0), logits.stride(1), col.stride(0), col.stride(1),
-        **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["col_block_c"], BLOCK_S=max(2, triton.next_power_of_2(lse_splits)),
-        LSE_BLOCK_C=cfg["lse_block_c"], FROM_LOGITS=from_logits, num_warps=cfg["col_warps"],
-        num_stages=cfg["num_stages"], **pdl.launch(dev),
-    )
+    BLOCK_S = max(2, triton.next_power_of_2(lse_splits))
+    col = torch.empty((Hkv, n_tb, 1 if from_logits else C16), dtype=torch.float32, device=dev)
+    if not from_logits:
+        _column_kernel[(Hkv, n_tb, min(_max_splits(Hkv * n_tb), triton.cdiv(max(C, 1), cfg["col_block_c"])))](
+            q, summaries, lse, col, start, T, _max_splits(Hkv * n_tb), lse_splits, qk_scale, *strides,
+            lse.stride(0), lse.stride(1), col.stride(0), col.stride(1), **shape, BLOCK_T=BLOCK_T,
+            BLOCK_C=cfg["col_block_c"], BLOCK_S=BLOCK_S, LSE_BLOCK_C=cfg["lse_block_c"], num_warps=cfg["col_warps"],
+            num_stages=cfg["num_stages"], **pdl.launch(dev),
+        )
     # Pass 3: one program per (kv head, tile).
     max_sel = max_selected(topk, window, block_size, q_tile, init_blocks)
     block_idx = torch.empty((Hkv, n_tiles, max_sel), dtype=torch.int32, device=dev)
@@ -433,13 +451,14 @@ def block_select(
     out = col if scores is None else scores
     BLOCK_NB = max(16, triton.next_power_of_2(n_blocks))
     _select_kernel[(Hkv, n_tiles)](
-        col, out, block_idx, block_count, start, T,
-        col.stride(0), col.stride(1), out.stride(0), out.stride(1), block_idx.stride(0), block_idx.stride(1),
-        block_count.stride(0),
-        KERNEL=kernel, STRIDE=stride, BLOCK_SIZE=block_size, Q_TILE=q_tile, BLOCK_T=BLOCK_T,
+        col, logits, lse, out, block_idx, block_count, start, T, lse_splits,
+        col.stride(0), col.stride(1), logits.stride(0), logits.stride(1), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), block_idx.stride(0), block_idx.stride(1), block_count.stride(0),
+        G=G, KERNEL=kernel, STRIDE=stride, BLOCK_SIZE=block_size, Q_TILE=q_tile, BLOCK_T=BLOCK_T,
         TB_PER_TILE=min(q_tile // BLOCK_T, n_tb), TOPK=topk, INIT_BLOCKS=init_blocks, WINDOW=window,
         MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1, BLOCK_NB=BLOCK_NB,
-        BLOCK_SEL=triton.next_power_of_2(max_sel), RADIX_BITS=cfg["radix_bits"], STORE_SCORES=scores is not None,
+        BLOCK_SEL=triton.next_power_of_2(max_sel), RADIX_BITS=cfg["radix_bits"], BLOCK_G=BLOCK_G, BLOCK_S=BLOCK_S,
+        LSE_BLOCK_C=cfg["lse_block_c"], FROM_LOGITS=from_logits, STORE_SCORES=scores is not None,
         num_warps=min(8, max(4, BLOCK_NB // 256)),  # H100/H200: 8 beat 4 at 2048 blocks, 16 at 2048 and 4096
         **pdl.launch(dev),
     )
