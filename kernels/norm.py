@@ -21,14 +21,14 @@ def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, eps, N: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl.enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     dtype = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it: loads before the wait
+    pdl.enter(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
     rstd = tl.rsqrt(tl.sum(x * x) / N + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = ((x * rstd).to(dtype).to(tl.float32) * w).to(dtype)
     tl.store(out_ptr + row * N + offs, y, mask=mask)
 

@@ -4,7 +4,8 @@ A kernel launched with `launch_pdl=True` may start while the kernel before it in
 Each such kernel calls `enter` before it reads or writes anything another kernel touches: `gdc_wait` returns once
 the kernels before it have finished and their writes are visible, then `gdc_launch_dependents` lets the next
 kernel launch as soon as every program of this one has started. So a kernel's launch, and whatever it loads before
-`enter` (the GEMV's first weight tile: no kernel writes weights), overlap the tail of the kernel before it.
+`enter` (what no kernel writes: the GEMV's first weight tile, the RMSNorm weight, RoPE's frequencies), overlap the
+tail of the kernel before it.
 Without PDL (CPU interpreter, older GPUs) `enter` compiles to nothing.
 """
 

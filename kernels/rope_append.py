@@ -134,14 +134,14 @@ def _rope_append_kernel(
     POOL: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (t, h): head h of token t; query heads 0..HQ-1, then key heads (each with its value head)."""
-    pdl.enter(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty
     offs = tl.arange(0, HALF_BLOCK)
     mask = offs < HALF
     row_mask = mask[None, :]  # [1, HALF_BLOCK]
-    inv_freq = tl.load(inv_freq_ptr + offs, mask=mask, other=0.0)[None, :]  # [1, HALF_BLOCK]
+    inv_freq = tl.load(inv_freq_ptr + offs, mask=mask, other=0.0)[None, :]  # [1, HALF_BLOCK]; before the wait:
+    pdl.enter(PDL)  # no kernel writes it
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cos, sin = _cos_sin(pos.to(tl.float32), inv_freq, attention_factor)  # [1, HALF_BLOCK]
     src = qkv_ptr + t * stride_qkv + h * (2 * HALF) + offs[None, :]  # [1, HALF_BLOCK]: this head's first half
