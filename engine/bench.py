@@ -135,14 +135,18 @@ def decode_at_depth(model: Transformer, depth: int, room: int, sparse: SparseCon
     cache = model.new_cache(depth + room, sparse)
     cache.k[:, :, :depth].normal_()
     cache.v[:, :, :depth].normal_()
-    written = Positions.of(0, torch.arange(depth, device=cache.k.device))
-    for layer in range(model.cfg.num_layers if sparse else 0):
-        if sparse.use_nope:
-            cache.pool_nope(layer, written)
-        else:
-            summaries = pool_keys.num_summaries(depth, sparse.kernel_size, sparse.kernel_stride)
-            pool_keys.pool_keys(cache.k[layer], cache.summaries[layer], 0, summaries, sparse.kernel_size,
-                                sparse.kernel_stride)
+    if sparse is not None:
+        written = Positions.of(0, torch.arange(depth, device=cache.k.device))
+        count = pool_keys.num_summaries(depth, sparse.kernel_size, sparse.kernel_stride)
+        for layer in range(model.cfg.num_layers):
+            if sparse.use_nope:
+                cache.pool_nope(layer, written)
+            elif cache.k.is_cuda:
+                pool_keys.pool_keys(cache.k[layer], cache.summaries[layer], 0, count, sparse.kernel_size,
+                                    sparse.kernel_stride)
+            elif count:
+                cache.summaries[layer, :, :count] = pool_keys.reference(cache.k[layer], 0, count, sparse.kernel_size,
+                                                                        sparse.kernel_stride)
     return cache, GraphedDecode(model, cache, graphs)
 
 

@@ -1,6 +1,7 @@
 """`infer` as a user runs it: output on stdout, stats on stderr, and one clear line for every kind of bad input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -98,3 +99,13 @@ def test_prompt_longer_than_the_context(tiny):
 
 def test_unknown_catalogue_name():
     assert_one_line_error(infer("pull", "no-such-model"), "no-such-model")
+
+
+def test_bench_with_sparse_attention_runs_on_cpu_without_the_triton_interpreter():
+    """The bench's cache at depth is pooled by the torch reference off CUDA (Triton kernels need a GPU there)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = ["bench", "--shape", "smollm2-135m", "-p", "16", "-n", "2", "-d", "40", "--sparse", "on", "--json",
+            "--device", "cpu"]
+    out = subprocess.run([sys.executable, "-m", "infer.cli.main", *args], capture_output=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert [(r["test"], r["depth"]) for r in json.loads(out.stdout)] == [("pp16", 0), ("tg2", 40)]

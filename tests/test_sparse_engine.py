@@ -122,3 +122,17 @@ def test_use_nope_changes_the_selection_and_equals_dense_with_every_block_select
     nope, _ = run(model, tokens, small_sparse(use_nope=True), [150] + [1] * 50)
     assert torch.allclose(rope[:32], nope[:32], atol=1e-5)  # local window only: nothing to choose yet
     assert not torch.allclose(rope[150:], nope[150:], atol=1e-3)
+
+
+def test_bench_cache_at_depth_holds_the_summaries_of_its_keys():
+    """`infer bench` decodes after random cached keys: their summaries are pooled (on CPU by the reference)."""
+    from infer.engine.bench import decode_at_depth
+
+    sparse = small_sparse()
+    cache, step = decode_at_depth(tiny_model(), 100, 8, sparse, graphs=False)
+    C = pool_keys.num_summaries(100, sparse.kernel_size, sparse.kernel_stride)
+    for layer in range(TINY["num_hidden_layers"]):
+        want = pool_keys.reference(cache.k[layer], 0, C, sparse.kernel_size, sparse.kernel_stride)
+        assert torch.equal(cache.summaries[layer, :, :C], want)
+    cache.length = 100
+    assert step(torch.tensor([3])).shape == (1, TINY["vocab_size"])
