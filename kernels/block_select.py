@@ -168,6 +168,15 @@ def _load_summaries(s_ptr, g, c0, c_hi, stride_sh, stride_sc,
 
 
 @triton.jit
+def _merge_lse(parts):
+    """Pass 1's partial log2-sum-exp2s parts [rows, BLOCK_S] (-inf: an empty or absent split) -> [rows], -inf
+    where nothing is visible."""
+    m = tl.max(parts, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    return m + tl.log2(tl.sum(tl.exp2(parts - m[:, None]), axis=1))
+
+
+@triton.jit
 def _online_lse(m, l, x):
     """Fold logits x [rows, BLOCK_C] into the running max m and sum l (log2 domain) of each row."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
@@ -253,9 +262,7 @@ def _column_kernel(
                     mask=row_ok[:, None] & (offs_s < lse_splits)[None, :], other=float("-inf"))  # [rows, BLOCK_S]
     _, n_lse = _splits(q_start, T, lse_splits, KERNEL, STRIDE, LSE_BLOCK_C)
     parts = tl.where((offs_s < n_lse)[None, :], parts, float("-inf"))  # masked after the load: it need not wait
-    m = tl.max(parts, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    lse = m + tl.log2(tl.sum(tl.exp2(parts - m[:, None]), axis=1))  # [rows], -inf: nothing visible
+    lse = _merge_lse(parts)  # [rows]
     lse = tl.where(row_ok, lse, float("inf"))  # padding rows: probability 0
     c_lo, c_mid, c_hi = _summary_range(q_start, T, tb, max_splits, KERNEL, STRIDE, BLOCK_T, BLOCK_C)
     col_ptr += g * stride_ch + tb * stride_ct
@@ -313,10 +320,7 @@ def _select_kernel(
             rows = (g * G + hl) * stride_lh + t * stride_lt  # [BLOCK_G]
             parts = tl.load(lse_ptr + rows[:, None] + offs_s[None, :],
                             mask=(hl < G)[:, None] & (offs_s < n_lse)[None, :], other=float("-inf"))
-            m = tl.max(parts, axis=1)
-            m = tl.where(m == float("-inf"), 0.0, m)
-            lse = m + tl.log2(tl.sum(tl.exp2(parts - m[:, None]), axis=1))  # [BLOCK_G]
-            lse = tl.where(hl < G, lse, float("inf"))  # padding heads: probability 0
+            lse = tl.where(hl < G, _merge_lse(parts), float("inf"))  # padding heads: probability 0
             x_rows = x_ptr + (g * G + hl) * stride_xh + t * stride_xt  # [BLOCK_G]
             n_vis = _n_visible(q_start + t, KERNEL, STRIDE)
             for j in tl.static_range(N_OVERLAP):
@@ -436,8 +440,9 @@ def block_select(
     BLOCK_S = max(2, triton.next_power_of_2(lse_splits))
     col = torch.empty((Hkv, n_tb, 1 if from_logits else C16), dtype=torch.float32, device=dev)
     if not from_logits:
-        _column_kernel[(Hkv, n_tb, min(_max_splits(Hkv * n_tb), triton.cdiv(max(C, 1), cfg["col_block_c"])))](
-            q, summaries, lse, col, start, T, _max_splits(Hkv * n_tb), lse_splits, qk_scale, *strides,
+        col_splits = _max_splits(Hkv * n_tb)
+        _column_kernel[(Hkv, n_tb, min(col_splits, triton.cdiv(max(C, 1), cfg["col_block_c"])))](
+            q, summaries, lse, col, start, T, col_splits, lse_splits, qk_scale, *strides,
             lse.stride(0), lse.stride(1), col.stride(0), col.stride(1), **shape, BLOCK_T=BLOCK_T,
             BLOCK_C=cfg["col_block_c"], BLOCK_S=BLOCK_S, LSE_BLOCK_C=cfg["lse_block_c"], num_warps=cfg["col_warps"],
             num_stages=cfg["num_stages"], **pdl.launch(dev),

@@ -49,7 +49,7 @@ def num_summaries_on_device(keys, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
 def pool_keys(
     k: torch.Tensor, summaries: torch.Tensor, start: int, end: int, kernel: int = 32, stride: int = 16
 ) -> None:
-    """Write summaries[:, c] for windows c in [start, end), in place (the decode path pools as it appends:
+    """Write summaries[:, c] for windows c in [start, end), in place (the engine pools as it appends the keys:
     kernels.rope_append).
 
     k: [Hkv, max_len, d] (last dim contiguous), summaries: [Hkv, max_summaries, d] (last dim contiguous).
