@@ -17,8 +17,10 @@ and writes, per (kv head, t-block of queries, summary), the probabilities summed
 over the queries; pass 3, one program per (kv head, tile), max-pools those to blocks, forces the sink and window
 blocks (+inf) and keeps the top ones by a radix select on the float bits (ties: lowest block first). Up to
 DECODE_LOGITS_MAX_T queries (decode), pass 1 also stores the logits and pass 3 computes the probabilities from
-them itself: two launches. On CPU the engine uses reference_scores and select_blocks, the same selection in plain
-torch.
+them itself: two launches. Decode's single tile also splits pass 3 over chunks of TUNING["select_lanes"] blocks,
+each keeping its own top ones, and the last chunk to finish selects among those (one program per kv head took
+18.8 us per layer at 128K on an H100). On CPU the engine uses reference_scores and select_blocks, the same
+selection in plain torch.
 
 The kernels read q_start from a device int32 [1] tensor and derive the live counts (summaries, blocks, each split's
 share of the summaries) from it. The host sizes grids and scratch either to the live counts (an int q_start) or to
@@ -26,6 +28,7 @@ capacities (a tensor q_start, decode: a CUDA graph captured once replays at any 
 the live ones do no work and select nothing, so both give the same bits.
 """
 
+import functools
 import math
 
 import torch
@@ -103,9 +106,12 @@ def reference(
 
 
 # Tuning of the GPU pipeline (H100): rows (head, query pairs) per program, summaries per step, warps and pipeline
-# stages of pass 1 (lse_*) and pass 2 (col_*); rows head-major (r = head*BLOCK_T + query) or query-major.
+# stages of pass 1 (lse_*) and pass 2 (col_*); rows head-major (r = head*BLOCK_T + query) or query-major; bits
+# per radix step and blocks per program of pass 3 in decode (512: 6342 us per decode step at 128K, 1024: 6405, 256:
+# 6363, one program per kv head: 6612).
 TUNING = dict(lse_rows=128, lse_block_c=64, lse_warps=4, col_rows=128, col_block_c=64, col_warps=4, num_stages=3,
-              head_major=True, radix_bits=4)
+              head_major=True, radix_bits=4, select_lanes=512)
+TICKETS = 4096  # (kv head, tile) pairs a chunked select may have
 DECODE_LOGITS_MAX_T = 16  # up to this many queries pass 1 stores its logits and pass 3 reads them (no pass 2)
 
 
@@ -290,25 +296,77 @@ def _radix_step(bits, tau, n_ge, k_sel, shift, RADIX: tl.constexpr):
 
 
 @triton.jit
+def _top(bits, k_sel, RADIX_BITS: tl.constexpr):
+    """The k_sel largest keys of bits [lanes] (>= 0 order as their bits; -1: no key), ties to the lowest lanes, or
+    every key when fewer: (chosen [lanes], slot [lanes]: a chosen lane's place among the chosen in lane order,
+    how many are chosen). A radix select finds a threshold tau RADIX_BITS bits a step from the top (bit 31 is 0 for
+    every key; the last step overlaps bits already decided), stopping once no more than k_sel keys are >= it; after
+    the last step it is the k_sel-th largest key. One scan ranks the chosen lanes."""
+    tau = tl.full((), 0, tl.int32)
+    n_ge = tl.sum((bits >= 0).to(tl.int32))  # keys >= tau
+    shift = tl.full((), 31 - RADIX_BITS, tl.int32)
+    while (n_ge > k_sel) & (shift > -RADIX_BITS):
+        tau, n_ge = _radix_step(bits, tau, n_ge, k_sel, tl.maximum(shift, 0), 1 << RADIX_BITS)
+        shift -= RADIX_BITS
+    gt, eq = bits > tau, bits == tau
+    n_eq = k_sel - tl.sum(gt.to(tl.int32))  # ties at tau: the lowest lanes first
+    rank = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # (gt so far) << 16 | (eq so far)
+    chosen = gt | (eq & ((rank & 65535) <= n_eq))
+    return chosen, (rank >> 16) + tl.minimum(rank & 65535, n_eq) - 1, tl.sum(chosen.to(tl.int32))
+
+
+@triton.jit
+def _store_selection(idx_ptr, cnt_ptr, blocks, chosen, slot, n_sel, MAX_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr):
+    """The chosen blocks at their slots of idx_ptr's row (ascending when the lanes are), -1 after them; the count."""
+    tl.store(idx_ptr + slot, blocks, mask=chosen)
+    j = tl.arange(0, BLOCK_SEL)
+    tl.store(idx_ptr + j, tl.full([BLOCK_SEL], -1, tl.int32), mask=(j >= n_sel) & (j < MAX_SEL))
+    tl.store(cnt_ptr, n_sel)
+
+
+@functools.cache
+def _tickets(device: torch.device) -> torch.Tensor:
+    """The device's zeroed int32 [TICKETS] counters for `_last_to_finish`, one per (kv head, tile) of a chunked
+    select. Each is 0 between launches, and select kernels never run at the same time (one stream, each after
+    `pdl.enter`), so they share one buffer."""
+    return torch.zeros(TICKETS, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _last_to_finish(counter_ptr, n_programs):
+    """Whether this program is the last of the n_programs sharing *counter_ptr to call this, after storing what
+    the last one reads (as CUTLASS's split-K semaphore: one launch where a second would wait for the whole grid).
+    A CTA barrier puts every thread's stores before one thread's acquire-release atomic at GPU scope, so the last
+    program sees them all; it must read them with cache_modifier=".cg" (L2: an SM's L1 is not coherent). It sets
+    the counter back to 0."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == n_programs - 1
+    tl.store(counter_ptr, 0, mask=last)
+    return last
+
+
+@triton.jit
 def _select_kernel(
-    col_ptr, x_ptr, lse_ptr, score_ptr, idx_ptr, cnt_ptr, start_ptr, T, lse_splits,
+    col_ptr, x_ptr, lse_ptr, score_ptr, idx_ptr, cnt_ptr, cand_ptr, ticket_ptr, start_ptr, T, lse_splits,
     stride_ch, stride_ct, stride_xh, stride_xt, stride_lh, stride_lt, stride_sh, stride_st, stride_ih, stride_it,
     stride_nh,
     G: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
     BLOCK_T: tl.constexpr, TB_PER_TILE: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
     WINDOW: tl.constexpr, MAX_SEL: tl.constexpr, N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr,
-    BLOCK_SEL: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-    LSE_BLOCK_C: tl.constexpr, FROM_LOGITS: tl.constexpr, STORE_SCORES: tl.constexpr, PDL: tl.constexpr,
+    N_CHUNKS: tl.constexpr, BLOCK_SEL: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr, LSE_BLOCK_C: tl.constexpr, FROM_LOGITS: tl.constexpr, STORE_SCORES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Pass 3, per (kv head, query tile): block scores (max over the overlapping summaries and the tile's
-    t-blocks), forced blocks set to +inf, the top max(topk, forced) kept: a radix select on the float bits finds
-    a threshold (RADIX_BITS bits per step, until at most that many keys pass it), one scan ranks the chosen blocks in
-    ascending order. FROM_LOGITS (a few queries, one tile): the summary scores come straight from pass 1's logits
-    and log-sum-exp partials, and there is no pass 2."""
+    """Pass 3, per (kv head, query tile, chunk of BLOCK_NB blocks): block scores (max over the overlapping
+    summaries and the tile's t-blocks), forced blocks set to +inf, the top max(topk, forced) kept (`_top`).
+    FROM_LOGITS (a few queries, one tile): the summary scores come straight from pass 1's logits and log-sum-exp
+    partials, and there is no pass 2. With N_CHUNKS > 1 each chunk writes its top ones as candidates (keys and
+    blocks, ascending, -1 padded); the last one to finish (`_last_to_finish`) picks the top of
+    all candidates: exact, since each of the overall top ones is among its chunk's top ones."""
     pdl.enter(PDL)
-    g, i = tl.program_id(0), tl.program_id(1)
+    g, i, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(start_ptr)
-    b = tl.arange(0, BLOCK_NB)  # blocks from cdiv(q_start + T, BLOCK_SIZE) on: no score, not forced
+    b = chunk * BLOCK_NB + tl.arange(0, BLOCK_NB)  # blocks from cdiv(q_start + T, BLOCK_SIZE) on: no score, not forced
     c_first = tl.maximum(b * BLOCK_SIZE - KERNEL + STRIDE, 0) // STRIDE  # first summary overlapping block b
     c_last = ((b + 1) * BLOCK_SIZE - 1) // STRIDE
     score = tl.full([BLOCK_NB], float("-inf"), tl.float32)
@@ -347,26 +405,26 @@ def _select_kernel(
     forced = ((b < INIT_BLOCKS) | ((b + 1) * BLOCK_SIZE - 1 >= p_lo - WINDOW + 1)) & (b * BLOCK_SIZE <= p_hi)
     key = tl.where(forced, float("inf"), score)  # non-causal blocks have no score: -inf
     bits = tl.where(key > float("-inf"), key.to(tl.int32, bitcast=True), -1)  # keys >= 0 order as their bits
-    k_sel = tl.maximum(tl.sum(forced.to(tl.int32)), TOPK)
-    # tau: a threshold with k_sel keys >= it (or all valid keys, when fewer), found RADIX_BITS bits a step from the
-    # top (bit 31 is 0 for every key; the last step overlaps bits already decided), stopping once no more than k_sel
-    # keys are >= it; after the last step it is the k_sel-th largest key, and ties at it go to the lowest blocks.
-    tau = tl.full((), 0, tl.int32)
-    n_ge = tl.sum((bits >= 0).to(tl.int32))  # keys >= tau
-    shift = tl.full((), 31 - RADIX_BITS, tl.int32)
-    while (n_ge > k_sel) & (shift > -RADIX_BITS):
-        tau, n_ge = _radix_step(bits, tau, n_ge, k_sel, tl.maximum(shift, 0), 1 << RADIX_BITS)
-        shift -= RADIX_BITS
-    gt, eq = bits > tau, bits == tau
-    n_eq = k_sel - tl.sum(gt.to(tl.int32))  # ties at tau: the lowest blocks first
-    rank = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # (gt so far) << 16 | (eq so far)
-    sel = gt | (eq & ((rank & 65535) <= n_eq))
-    n_sel = tl.sum(sel.to(tl.int32))
+    chosen, slot, n_sel = _top(bits, tl.maximum(tl.sum(forced.to(tl.int32)), TOPK), RADIX_BITS)
     idx_ptr += g * stride_ih + i * stride_it
-    tl.store(idx_ptr + (rank >> 16) + tl.minimum(rank & 65535, n_eq) - 1, b, mask=sel)  # ascending
-    j = tl.arange(0, BLOCK_SEL)
-    tl.store(idx_ptr + j, tl.full([BLOCK_SEL], -1, tl.int32), mask=(j >= n_sel) & (j < MAX_SEL))
-    tl.store(cnt_ptr + g * stride_nh + i, n_sel)
+    cnt_ptr += g * stride_nh + i
+    if N_CHUNKS == 1:
+        _store_selection(idx_ptr, cnt_ptr, b, chosen, slot, n_sel, MAX_SEL, BLOCK_SEL)
+    else:
+        # candidates [2, N_CHUNKS, BLOCK_SEL] per (kv head, tile): keys, then blocks
+        tile = g * tl.num_programs(1) + i
+        cand_ptr += tile * 2 * N_CHUNKS * BLOCK_SEL
+        j = tl.arange(0, BLOCK_SEL)
+        tl.store(cand_ptr + chunk * BLOCK_SEL + j, tl.full([BLOCK_SEL], -1, tl.int32), mask=j >= n_sel)
+        tl.store(cand_ptr + chunk * BLOCK_SEL + slot, bits, mask=chosen)
+        tl.store(cand_ptr + (N_CHUNKS + chunk) * BLOCK_SEL + slot, b, mask=chosen)
+        if _last_to_finish(ticket_ptr + tile, N_CHUNKS):
+            lanes = tl.arange(0, N_CHUNKS * BLOCK_SEL)  # candidates in chunk order: ascending blocks
+            cand_bits = tl.load(cand_ptr + lanes, cache_modifier=".cg")
+            cand_blocks = tl.load(cand_ptr + N_CHUNKS * BLOCK_SEL + lanes, cache_modifier=".cg")
+            n_forced = tl.sum((cand_bits == 0x7F800000).to(tl.int32))  # +inf: only forced blocks score it
+            top, top_slot, n_top = _top(cand_bits, tl.maximum(n_forced, TOPK), RADIX_BITS)
+            _store_selection(idx_ptr, cnt_ptr, cand_blocks, top, top_slot, n_top, MAX_SEL, BLOCK_SEL)
 
 
 def _max_splits(programs: int) -> int:
@@ -382,7 +440,8 @@ def block_select(
     scores: torch.Tensor | None = None, max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `reference`: q [Hq, T, d], summaries [Hkv, max_summaries, d] ->
-    (block_idx [Hkv, n_tiles, max_sel], block_count [Hkv, n_tiles]), three launches, no host sync.
+    (block_idx [Hkv, n_tiles, max_sel], block_count [Hkv, n_tiles]), two or three launches (module doc), no host
+    sync.
 
     q_start: int, or int32 [1] tensor on q's device for decode (T <= 8, one tile); the kernels read it from the
     device either way. An int sizes the grids and scratch to the live keys L = q_start + T. A tensor's value is
@@ -447,22 +506,27 @@ def block_select(
             BLOCK_C=cfg["col_block_c"], BLOCK_S=BLOCK_S, LSE_BLOCK_C=cfg["lse_block_c"], num_warps=cfg["col_warps"],
             num_stages=cfg["num_stages"], **pdl.launch(dev),
         )
-    # Pass 3: one program per (kv head, tile).
+    # Pass 3: one program per (kv head, tile, chunk of the blocks); chunks only with from_logits (one tile).
     max_sel = max_selected(topk, window, block_size, q_tile, init_blocks)
     block_idx = torch.empty((Hkv, n_tiles, max_sel), dtype=torch.int32, device=dev)
     block_count = torch.empty((Hkv, n_tiles), dtype=torch.int32, device=dev)
     if scores is not None:
         assert scores.shape == (Hkv, n_tiles, n_blocks) and scores.dtype == torch.float32 and scores.stride(2) == 1
     out = col if scores is None else scores
-    BLOCK_NB = max(16, triton.next_power_of_2(n_blocks))
-    _select_kernel[(Hkv, n_tiles)](
-        col, logits, lse, out, block_idx, block_count, start, T, lse_splits,
+    lanes = max(16, triton.next_power_of_2(n_blocks))
+    BLOCK_NB = min(lanes, cfg["select_lanes"]) if from_logits else lanes
+    n_chunks, BLOCK_SEL = lanes // BLOCK_NB, triton.next_power_of_2(max_sel)
+    candidates = torch.empty((Hkv, n_tiles, 2, n_chunks, BLOCK_SEL) if n_chunks > 1 else (1,), dtype=torch.int32,
+                             device=dev)  # keys, then blocks
+    assert n_chunks == 1 or Hkv * n_tiles <= TICKETS
+    _select_kernel[(Hkv, n_tiles, n_chunks)](
+        col, logits, lse, out, block_idx, block_count, candidates, _tickets(dev), start, T, lse_splits,
         col.stride(0), col.stride(1), logits.stride(0), logits.stride(1), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), block_idx.stride(0), block_idx.stride(1), block_count.stride(0),
         G=G, KERNEL=kernel, STRIDE=stride, BLOCK_SIZE=block_size, Q_TILE=q_tile, BLOCK_T=BLOCK_T,
         TB_PER_TILE=min(q_tile // BLOCK_T, n_tb), TOPK=topk, INIT_BLOCKS=init_blocks, WINDOW=window,
-        MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1, BLOCK_NB=BLOCK_NB,
-        BLOCK_SEL=triton.next_power_of_2(max_sel), RADIX_BITS=cfg["radix_bits"], BLOCK_G=BLOCK_G, BLOCK_S=BLOCK_S,
+        MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1, BLOCK_NB=BLOCK_NB, N_CHUNKS=n_chunks,
+        BLOCK_SEL=BLOCK_SEL, RADIX_BITS=cfg["radix_bits"], BLOCK_G=BLOCK_G, BLOCK_S=BLOCK_S,
         LSE_BLOCK_C=cfg["lse_block_c"], FROM_LOGITS=from_logits, STORE_SCORES=scores is not None,
         num_warps=min(8, max(4, BLOCK_NB // 256)),  # H100/H200: 8 beat 4 at 2048 blocks, 16 at 2048 and 4096
         **pdl.launch(dev),

@@ -66,6 +66,7 @@ TUNINGS = {
     "small blocks": dict(TUNING=dict(block_select_module.TUNING, lse_rows=16, col_rows=16, lse_block_c=16,
                                      col_block_c=16)),  # several t-blocks per tile, several chunks per split
     "query-major rows": dict(TUNING=dict(block_select_module.TUNING, head_major=False)),
+    "chunked select": dict(TUNING=dict(block_select_module.TUNING, select_lanes=16)),  # decode: 16 blocks a chunk
 }
 
 
@@ -87,8 +88,13 @@ def test_scores_match_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, tunin
     "topk, window, init_blocks",
     [(4, 100, 1), (3, 2048, 1), (2, 40, 2), (100, 64, 1)],  # topk < / > blocks, window < / > sequence
 )
-def test_select_matches_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, topk, window, init_blocks):
+@pytest.mark.parametrize("lanes", [1024, 16])  # 16: decode cases select per chunk of 16 blocks, then overall
+def test_select_matches_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, topk, window, init_blocks, lanes,
+                                  monkeypatch):
     """block_select (Triton) and select_blocks (torch, on the reference scores) both agree with `reference`."""
+    if lanes != 1024 and T > block_select_module.DECODE_LOGITS_MAX_T:
+        pytest.skip("blocks are chunked in decode only")
+    monkeypatch.setitem(block_select_module.TUNING, "select_lanes", lanes)
     q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, **{k: v for k, v in geo.items() if k != "block_size"})
     block_size = geo.get("block_size", 64)
     sel = dict(q_tile=q_tile, topk=topk, window=window, init_blocks=init_blocks, **geo)
@@ -138,10 +144,12 @@ def test_local_window_edges(window, first):
     assert idx[0, 0, : int(cnt)].tolist() == list(range(first, 5))
 
 
+@pytest.mark.parametrize("lanes", [1024, 16])
 @pytest.mark.parametrize("T", [1, 3])
-def test_ties_go_to_the_lowest_blocks(T):
+def test_ties_go_to_the_lowest_blocks(T, lanes, monkeypatch):
     """Equal summaries give every visible block the same score: the radix select runs all its steps and the
-    lowest unforced blocks fill the top-k."""
+    lowest unforced blocks fill the top-k (with chunks: in each chunk, then overall)."""
+    monkeypatch.setitem(block_select_module.TUNING, "select_lanes", lanes)
     q, summaries = make_inputs(1, 4, 64, 4100, T, torch.float32)
     C = num_summaries(4100 + T)
     summaries[:, :C] = summaries[:, :1]

@@ -255,6 +255,26 @@ def test_block_select_device_start(Hkv, G, d, q_start, T):
     assert torch.equal(got_scores[..., :n_blocks], ref_scores)
 
 
+def test_chunked_decode_selection_equals_one_program(monkeypatch):
+    """At 128K (4096 lanes of blocks) decode selects per chunk of 512 blocks, then the last chunk to finish picks
+    among the chunks' top ones: the same bits as one program per kv head, call after call (the chunks meet through
+    a counter in memory)."""
+    from infer.kernels import block_select
+    from infer.kernels.pool_keys import num_summaries
+
+    gen = torch.Generator().manual_seed(11)
+    Hkv, G, d, q_start = 8, 4, 128, 131071
+    summaries = randn(Hkv, num_summaries(q_start + 301), d, gen=gen)
+    start = device_int(q_start)
+    for _ in range(20):
+        q = randn(Hkv * G, 1, d, gen=gen)
+        monkeypatch.setitem(block_select.TUNING, "select_lanes", 4096)
+        ri, rc = block_select.block_select(q, summaries, start, q_tile=16, max_len=q_start + 301)
+        monkeypatch.setitem(block_select.TUNING, "select_lanes", 512)
+        gi, gc = block_select.block_select(q, summaries, start, q_tile=16, max_len=q_start + 301)
+        assert torch.equal(gi, ri) and torch.equal(gc, rc)
+
+
 def test_decode_cuda_graph_replays_at_new_lengths():
     """Selection, sparse and dense decode with device lengths, captured once in a CUDA graph and replayed at other
     lengths: the eager int-length calls' bits."""
