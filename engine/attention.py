@@ -41,9 +41,9 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions, q_score:
     num_q = q.shape[1]
     if not uses_sparse(cache, pos.start + num_q):
         return dense_attend(q, cache, layer, pos)
-    if 1 < num_q <= DECODE_MAX_QUERIES:
-        # Drafts under verification: each query takes the path and the blocks it would take decoded alone, so
-        # speculative decoding stays lossless with sparse attention.
+    if 1 < num_q <= DECODE_MAX_QUERIES and not uses_sparse(cache, pos.start + 1):
+        # Drafts under verification across dense_len: each query takes the path it would take decoded alone, so
+        # speculative decoding stays lossless (sparse_attend gives each query its own blocks likewise).
         return torch.cat([attend(q[:, i:i + 1], cache, layer, pos.query(i), None if q_score is None else q_score[:, i:i + 1])
                           for i in range(num_q)], 1)
     return sparse_attend(q, cache, layer, pos, q_score)
@@ -89,7 +89,12 @@ def sparse_attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions,
     s = cache.sparse
     num_q = q.shape[1]
     end = pos.start + num_q
-    block_idx, block_count = select(q if q_score is None else q_score, cache, layer, pos)
+    q_score = q if q_score is None else q_score
+    if 1 < num_q <= DECODE_MAX_QUERIES:  # drafts under verification: each query selects as decoded alone
+        selections = [select(q_score[:, i:i + 1], cache, layer, pos.query(i)) for i in range(num_q)]
+        block_idx, block_count = (torch.cat(parts, 1) for parts in zip(*selections))  # [Hkv, T, S], [Hkv, T]
+    else:
+        block_idx, block_count = select(q_score, cache, layer, pos)
     cache.last_selection = (block_count, end)
     k, v = cache.k[layer], cache.v[layer]  # [Hkv, max_len, d]
     if num_q <= DECODE_MAX_QUERIES:

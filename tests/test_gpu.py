@@ -201,6 +201,21 @@ def test_sparse_decode(Hkv, G, d, L, T):
     assert rel_err(out, reference(q, k, v, L, idx, cnt)) < 1e-2
 
 
+@pytest.mark.parametrize("Hkv, G, d, L, T", [(8, 4, 128, 131072, 5), (2, 8, 64, 1000, 4), (1, 8, 128, 20000, 8)])
+def test_sparse_decode_selection_per_query_equals_each_query_alone(Hkv, G, d, L, T):
+    """Each query's own blocks (speculative verification): the bits of a call for that query alone."""
+    from infer.kernels.sparse_decode import reference, sparse_decode
+
+    gen = torch.Generator().manual_seed(6)
+    q = randn(Hkv * G, T, d, gen=gen)
+    k, v = kv_cache(Hkv, L, d, gen, extra=29)
+    idx, cnt = random_selection(Hkv, T, L - T, 1, 64, gen)  # [Hkv, T, 64], [Hkv, T]: a tile per query
+    out = sparse_decode(q, k, v, device_int(L), idx, cnt)
+    each = [sparse_decode(q[:, t:t + 1], k, v, L - T + t + 1, idx[:, t:t + 1], cnt[:, t:t + 1]) for t in range(T)]
+    assert torch.equal(out, torch.cat(each, 1))
+    assert rel_err(out, reference(q, k, v, L, idx, cnt)) < 1e-2
+
+
 @pytest.mark.parametrize("Hkv, G, d, L, T", DECODE_CASES)
 def test_sparse_decode_all_blocks_is_sdpa(Hkv, G, d, L, T):
     from infer.kernels.sparse_decode import sparse_decode

@@ -145,3 +145,18 @@ def test_one_device_length_many_values():
             o = sparse_decode(q, k, v, L_dev, *sel, out=out)
             assert o.data_ptr() == out.data_ptr()
             torch.testing.assert_close(o, reference(q, k, v, L, *sel), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("G,T,L", [(1, 3, 300), (4, 5, 260), (8, 2, 517)])
+def test_selection_per_query_equals_each_query_alone(G, T, L):
+    """block_idx [Hkv, T, max_sel]: query t attends its own blocks with the bits of a call for it alone at
+    length L - T + t + 1 (what speculative verification needs)."""
+    Hkv = 2
+    gen = torch.Generator().manual_seed(G * 100 + T)
+    q, k, v = make_inputs(Hkv, G, 64, T, L, torch.float32, gen)
+    alone = [random_selection(Hkv, L - T + t + 1, 5, gen) for t in range(T)]
+    idx, cnt = (torch.cat(parts, 1) for parts in zip(*alone))  # [Hkv, T, 5], [Hkv, T]
+    o = run(q, k, v, device_length(L), idx, cnt)
+    each = torch.cat([run(q[:, t:t + 1], k, v, L - T + t + 1, *alone[t]) for t in range(T)], 1)
+    assert torch.equal(o, each)
+    torch.testing.assert_close(o, reference(q, k, v, L, idx, cnt), **TOL[torch.float32])
