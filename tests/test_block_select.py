@@ -83,17 +83,18 @@ def test_scores_match_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, tunin
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)  # -inf must match -inf
 
 
-@pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo", CASES)
+# 16 lanes: decode (few queries) selects per chunk of 16 blocks, then among the chunks' top ones
+LANE_CASES = [(*case, 1024) for case in CASES] + [(*case, 16) for case in CASES if case[4] <= 16]
+
+
+@pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo, lanes", LANE_CASES)
 @pytest.mark.parametrize(
     "topk, window, init_blocks",
     [(4, 100, 1), (3, 2048, 1), (2, 40, 2), (100, 64, 1)],  # topk < / > blocks, window < / > sequence
 )
-@pytest.mark.parametrize("lanes", [1024, 16])  # 16: decode cases select per chunk of 16 blocks, then overall
-def test_select_matches_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, topk, window, init_blocks, lanes,
+def test_select_matches_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, lanes, topk, window, init_blocks,
                                   monkeypatch):
     """block_select (Triton) and select_blocks (torch, on the reference scores) both agree with `reference`."""
-    if lanes != 1024 and T > block_select_module.DECODE_LOGITS_MAX_T:
-        pytest.skip("blocks are chunked in decode only")
     monkeypatch.setitem(block_select_module.TUNING, "select_lanes", lanes)
     q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, **{k: v for k, v in geo.items() if k != "block_size"})
     block_size = geo.get("block_size", 64)
