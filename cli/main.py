@@ -126,7 +126,7 @@ def cmd_bench(args) -> None:
     model = bench.random_model(args.shape, device, dtype)
     sparse = sparse_config(model.cfg.sparse, mode=args.sparse)
     bandwidth = bench.copy_bandwidth(device)
-    rows = [bench.run_prefill(model, n, sparse) for n in args.prompt_tokens]
+    rows = [bench.run_prefill(model, n, sparse, graphs=not args.eager) for n in args.prompt_tokens]
     rows += [bench.run_decode(model, args.gen_tokens, d, sparse, not args.eager, width)
              for width in [1] + args.verify for d in args.depths]
     if args.json:

@@ -113,16 +113,18 @@ def extra_memory(model: Transformer, cache: KVCache) -> int:
     return torch.cuda.max_memory_allocated(cache.k.device) - fixed
 
 
-def run_prefill(model: Transformer, length: int, sparse: SparseConfig | None = None, repeats: int = 2) -> BenchRow:
+def run_prefill(model: Transformer, length: int, sparse: SparseConfig | None = None, repeats: int = 2,
+                graphs: bool = True) -> BenchRow:
     """Prefill `length` random tokens in the engine's chunks (the time to the first token's logits)."""
     reset_peak_memory(model)
     cache = model.new_cache(length + 1, sparse)
+    decode = GraphedDecode(model, cache, graphs)  # a sparse prompt's last position runs alone, as in the engine
     tokens = torch.randint(0, model.cfg.vocab_size, (length,)).tolist()
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up
         synchronize(cache.k.device)
         start = time.perf_counter()
-        prefill(model, cache, [], tokens, 0, PREFILL_CHUNK)
+        prefill(model, cache, [], tokens, 0, PREFILL_CHUNK, decode=decode)
         synchronize(cache.k.device)
         best = min(best, time.perf_counter() - start)
     return BenchRow(f"pp{length}", 0, best, length, extra_bytes=extra_memory(model, cache))

@@ -123,7 +123,7 @@ class Engine:
             raise InferError(f"the input has {len(tokens)} tokens; the context holds {self.max_len}. Shorten it or raise --max-context")
         reuse = reusable_prefix(self.tokens, tokens)
         self.stats = Stats(prompt_tokens=len(tokens) - reuse, reused_tokens=reuse)
-        logits = prefill(self.model, self.cache, self.tokens, tokens, reuse, PREFILL_CHUNK, on_progress)
+        logits = prefill(self.model, self.cache, self.tokens, tokens, reuse, PREFILL_CHUNK, on_progress, self.decode)
         return logits[-1]
 
     def generate(self, tokens: list[int], params: SamplingParams, on_progress=None) -> Iterator[str]:

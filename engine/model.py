@@ -8,7 +8,7 @@ from torch import nn
 
 from infer.kernels import activation, gemv, norm, rope_append
 
-from .attention import attend
+from .attention import attend, uses_sparse
 from .config import ModelConfig, SparseConfig
 from .kv_cache import KVCache, Positions
 from .rope import Rope
@@ -192,18 +192,29 @@ def reusable_prefix(cached: list[int], tokens: list[int]) -> int:
 
 
 def prefill(model: Transformer, cache: KVCache, cached: list[int], tokens: list[int], keep: int, chunk: int,
-            on_progress=None) -> torch.Tensor:
+            on_progress=None, decode=None) -> torch.Tensor:
     """Bring `cache`, which holds the keys and values of `cached`, to hold those of `tokens`: keep its first `keep`
     positions (see reusable_prefix) and run the rest in chunks of `chunk` tokens, which bounds the activations of a
     long prompt. `cached` is updated in place after each chunk, so it names what the cache holds even when
-    interrupted. on_progress(done, total) follows the chunks. Returns the last position's logits [1, V]."""
+    interrupted. on_progress(done, total) follows the chunks. Returns the last position's logits [1, V].
+
+    When the last position attends sparsely it runs as a pass of its own, through `decode` (a callable like
+    cuda_graph.GraphedDecode; default the model, eagerly): the token sampled from its logits selects its blocks
+    alone, as every decoded token does, instead of sharing the selection of a query tile with the queries before
+    it."""
     cache.truncate(keep)
     del cached[keep:]
     ids = torch.tensor(tokens, dtype=torch.long, device=cache.k.device)  # [len(tokens)]
-    for begin in range(keep, len(tokens), chunk):
-        end = min(begin + chunk, len(tokens))
-        logits = model(ids[begin:end], cache)
+    n = len(tokens)
+    alone = n - keep > 1 and uses_sparse(cache, n)
+    body = n - 1 if alone else n  # the positions that run in chunks
+    bounds = [*range(keep, body, chunk), body, *([n] if alone else [])]
+    for begin, end in zip(bounds, bounds[1:]):
+        if alone and end == n and decode is not None:
+            logits = decode(ids[begin:end])
+        else:
+            logits = model(ids[begin:end], cache)
         cached += tokens[begin:end]
         if on_progress:
-            on_progress(end - keep, len(tokens) - keep)
+            on_progress(end - keep, n - keep)
     return logits

@@ -113,3 +113,21 @@ def test_chunked_dense_prefill_equals_one_pass(model):
     chunked = torch.cat([model(tokens[:300], cache, num_logits=300), model(tokens[300:], cache, num_logits=400)])
     err = ((chunked - one).norm() / one.norm()).item()
     assert err < 2e-2, err
+
+
+def test_prefill_runs_a_sparse_prompt_s_last_position_through_the_graph(model):
+    """The engine's prefill hands a sparse prompt's last position to its graphed decode: the logits equal eager."""
+    from infer.engine.config import sparse_config
+    from infer.engine.cuda_graph import GraphedDecode
+    from infer.engine.model import prefill
+
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, model.cfg.vocab_size, (400,), generator=gen).tolist()
+    logits = {}
+    for graphs in (False, True):
+        cache = model.new_cache(1024, sparse_config(None, **SPARSE["sparse"]))
+        step = GraphedDecode(model, cache, enabled=graphs)
+        logits[graphs] = prefill(model, cache, [], tokens, 0, 128, decode=step).clone()
+        assert cache.length == 400 and len(step.graphs) == int(graphs)
+    assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1))
+    assert (logits[True] - logits[False]).abs().max().item() < 1e-3

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from infer.engine.config import ModelConfig, SparseConfig
-from infer.engine.model import Transformer
+from infer.engine.model import Transformer, prefill
 from infer.kernels import pool_keys
 
 TINY = dict(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -136,3 +136,29 @@ def test_bench_cache_at_depth_holds_the_summaries_of_its_keys():
         assert torch.equal(cache.summaries[layer, :, :C], want)
     cache.length = 100
     assert step(torch.tensor([3])).shape == (1, TINY["vocab_size"])
+
+
+
+def test_prefill_runs_a_sparse_prompt_s_last_position_alone():
+    """The token sampled after a prompt selects its blocks as a decoded token does, not with a tile of the prompt."""
+    model, tokens = tiny_model(), torch.randint(0, 97, (150,))
+    sparse = small_sparse(topk=6)
+    cache, cached, alone = model.new_cache(160, sparse), [], []
+    decode = lambda t: alone.append(t.tolist()) or model(t, cache)  # noqa: E731
+    logits = prefill(model, cache, cached, tokens.tolist(), 0, 64, decode=decode)
+    assert alone == [tokens[-1:].tolist()] and cached == tokens.tolist() and cache.length == 150
+    by_hand, _ = run(model, tokens, sparse, [64, 64, 21, 1])
+    assert torch.allclose(logits, by_hand[-1:], atol=1e-5)
+    shared, _ = run(model, tokens, sparse, [64, 64, 22])  # the last position in a query tile of the prompt
+    assert not torch.allclose(shared[-1:], by_hand[-1:], atol=1e-3)
+    other = torch.randint(0, 97, (10,)).tolist()
+    prefill(model, cache, cached, tokens[:120].tolist() + other, 120, 64, decode=decode)  # a reused prefix
+    assert alone[1:] == [other[-1:]] and cache.length == 130
+
+
+def test_prefill_runs_a_dense_prompt_in_its_chunks_only():
+    model, tokens = tiny_model(), torch.randint(0, 97, (100,))
+    cache = model.new_cache(110, small_sparse(mode="auto", dense_len=100))
+    logits = prefill(model, cache, [], tokens.tolist(), 0, 64, decode=lambda t: pytest.fail("a pass of its own"))
+    want, _ = run(model, tokens, None, [64, 36])
+    assert torch.allclose(logits, want[-1:], atol=1e-5)
