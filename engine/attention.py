@@ -68,17 +68,22 @@ def dense_attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions) ->
     return out[0]
 
 
-def select(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks each query tile of each GQA group attends: (block_idx [Hkv, n_tiles, S], block_count [Hkv, n_tiles])."""
+def select(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions,
+           per_query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks each query tile of each GQA group attends: (block_idx [Hkv, n_tiles, S], block_count [Hkv, n_tiles]).
+    per_query (a few queries: drafts under verification): each query selects as decoded alone, one row each."""
     s = cache.sparse
     decode = q.shape[1] <= DECODE_MAX_QUERIES
     q_tile = 16 if decode else s.block_size  # decode: all queries in one tile
     shape = dict(kernel=s.kernel_size, stride=s.kernel_stride, block_size=s.block_size, q_tile=q_tile)
     summaries = cache.summaries[layer]  # [Hkv, C, d]
     if q.is_cuda:
-        start = pos.ids32[:1] if decode else pos.start  # decode: read on the device, launches sized to max_len
+        start = (pos.ids32 if per_query else pos.ids32[:1]) if decode else pos.start  # decode: read on the device
         return block_select.block_select(q, summaries, start, **shape, topk=s.topk, init_blocks=s.init_blocks,
-                                         window=s.window_size, max_len=cache.max_len)
+                                         window=s.window_size, max_len=cache.max_len, per_query=per_query)
+    if per_query:
+        selections = [select(q[:, i:i + 1], cache, layer, pos.query(i)) for i in range(q.shape[1])]
+        return tuple(torch.cat(parts, 1) for parts in zip(*selections))  # [Hkv, T, S], [Hkv, T]
     scores = block_select.reference_scores(q, summaries, pos.start, **shape)
     return block_select.select_blocks(scores, pos.start, q.shape[1], s.block_size, q_tile, s.topk, s.init_blocks,
                                       s.window_size)
@@ -90,11 +95,8 @@ def sparse_attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions,
     num_q = q.shape[1]
     end = pos.start + num_q
     q_score = q if q_score is None else q_score
-    if 1 < num_q <= DECODE_MAX_QUERIES:  # drafts under verification: each query selects as decoded alone
-        selections = [select(q_score[:, i:i + 1], cache, layer, pos.query(i)) for i in range(num_q)]
-        block_idx, block_count = (torch.cat(parts, 1) for parts in zip(*selections))  # [Hkv, T, S], [Hkv, T]
-    else:
-        block_idx, block_count = select(q_score, cache, layer, pos)
+    # drafts under verification: each query selects as decoded alone
+    block_idx, block_count = select(q_score, cache, layer, pos, per_query=1 < num_q <= DECODE_MAX_QUERIES)
     cache.last_selection = (block_count, end)
     k, v = cache.k[layer], cache.v[layer]  # [Hkv, max_len, d]
     if num_q <= DECODE_MAX_QUERIES:

@@ -19,8 +19,9 @@ blocks (+inf) and keeps the top ones by a radix select on the float bits (ties: 
 DECODE_LOGITS_MAX_T queries (decode), pass 1 also stores the logits and pass 3 computes the probabilities from
 them itself: two launches. Decode's single tile also splits pass 3 over chunks of TUNING["select_lanes"] blocks,
 each keeping its own top ones, and the last chunk to finish selects among those (one program per kv head took
-18.8 us per layer at 128K on an H100). On CPU the engine uses reference_scores and select_blocks, the same
-selection in plain torch.
+18.8 us per layer at 128K on an H100). Speculative verification (per_query) runs those two launches for all its
+queries at once, each query at its own start as if alone. On CPU the engine uses reference_scores and
+select_blocks, the same selection in plain torch.
 
 The kernels read q_start from a device int32 [1] tensor and derive the live counts (summaries, blocks, each split's
 share of the summaries) from it. The host sizes grids and scratch either to the live counts (an int q_start) or to
@@ -190,18 +191,33 @@ def _online_lse(m, l, x):
 
 
 @triton.jit
+def _query_and_block(PER_QUERY: tl.constexpr):
+    """(query, block) of this program's axis 1: with PER_QUERY the query, which then runs as a call of its own (its
+    block index 0); else every query reads start[0] and axis 1 is the t-block or tile."""
+    if PER_QUERY:
+        return tl.program_id(1), 0
+    else:
+        return 0, tl.program_id(1)
+
+
+@triton.jit
 def _lse_kernel(
     q_ptr, s_ptr, lse_ptr, x_ptr, start_ptr, T, max_splits, qk_scale,
     stride_qh, stride_qt, stride_sh, stride_sc, stride_lh, stride_lt, stride_xh, stride_xt,
     G: tl.constexpr, D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr, STORE_LOGITS: tl.constexpr, PDL: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr, STORE_LOGITS: tl.constexpr, PER_QUERY: tl.constexpr, PDL: tl.constexpr,
 ):
     """Pass 1: log2-sum-exp2 of each (head, query) row over the visible summaries of one split; with STORE_LOGITS
-    also the logits themselves (log2 domain, -inf where not visible)."""
+    also the logits themselves (log2 domain, -inf where not visible). PER_QUERY: axis 1 is the query, each one a
+    call with T = 1 at its own start."""
     pdl.enter(PDL)
-    g, tb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(start_ptr)
+    g, split = tl.program_id(0), tl.program_id(2)
+    query, tb = _query_and_block(PER_QUERY)
+    q_start = tl.load(start_ptr + query)
+    q_ptr += query * stride_qt
+    lse_ptr += query * stride_lt
+    x_ptr += query * stride_xt
     q, hl, t, row_ok = _load_queries(q_ptr, g, tb, T, stride_qh, stride_qt, G, D, BLOCK_G, BLOCK_T, BLOCK_D,
                                      HEAD_MAJOR)
     pos = q_start + t  # [rows]
@@ -355,17 +371,21 @@ def _select_kernel(
     WINDOW: tl.constexpr, MAX_SEL: tl.constexpr, N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr,
     N_CHUNKS: tl.constexpr, BLOCK_SEL: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_S: tl.constexpr, LSE_BLOCK_C: tl.constexpr, FROM_LOGITS: tl.constexpr, STORE_SCORES: tl.constexpr,
-    PDL: tl.constexpr,
+    PER_QUERY: tl.constexpr, PDL: tl.constexpr,
 ):
     """Pass 3, per (kv head, query tile, chunk of BLOCK_NB blocks): block scores (max over the overlapping
     summaries and the tile's t-blocks), forced blocks set to +inf, the top max(topk, forced) kept (`_top`).
     FROM_LOGITS (a few queries, one tile): the summary scores come straight from pass 1's logits and log-sum-exp
     partials, and there is no pass 2. With N_CHUNKS > 1 each chunk writes its top ones as candidates (keys and
     blocks, ascending, -1 padded); the last one to finish (`_last_to_finish`) picks the top of
-    all candidates: exact, since each of the overall top ones is among its chunk's top ones."""
+    all candidates: exact, since each of the overall top ones is among its chunk's top ones. PER_QUERY (with
+    FROM_LOGITS): axis 1 is the query, selecting as a call with T = 1 at its own start; outputs go to row `row`."""
     pdl.enter(PDL)
-    g, i, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(start_ptr)
+    g, row, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    query, i = _query_and_block(PER_QUERY)  # i: the tile within the call
+    q_start = tl.load(start_ptr + query)
+    x_ptr += query * stride_xt
+    lse_ptr += query * stride_lt
     b = chunk * BLOCK_NB + tl.arange(0, BLOCK_NB)  # blocks from cdiv(q_start + T, BLOCK_SIZE) on: no score, not forced
     c_first = tl.maximum(b * BLOCK_SIZE - KERNEL + STRIDE, 0) // STRIDE  # first summary overlapping block b
     c_last = ((b + 1) * BLOCK_SIZE - 1) // STRIDE
@@ -399,20 +419,20 @@ def _select_kernel(
                             other=float("-inf"))
                 score = tl.maximum(score, v)
     if STORE_SCORES:
-        tl.store(score_ptr + g * stride_sh + i * stride_st + b, score, mask=b * BLOCK_SIZE < q_start + T)
+        tl.store(score_ptr + g * stride_sh + row * stride_st + b, score, mask=b * BLOCK_SIZE < q_start + T)
     p_lo = q_start + i * Q_TILE
     p_hi = q_start + tl.minimum(i * Q_TILE + Q_TILE, T) - 1
     forced = ((b < INIT_BLOCKS) | ((b + 1) * BLOCK_SIZE - 1 >= p_lo - WINDOW + 1)) & (b * BLOCK_SIZE <= p_hi)
     key = tl.where(forced, float("inf"), score)  # non-causal blocks have no score: -inf
     bits = tl.where(key > float("-inf"), key.to(tl.int32, bitcast=True), -1)  # keys >= 0 order as their bits
     chosen, slot, n_sel = _top(bits, tl.maximum(tl.sum(forced.to(tl.int32)), TOPK), RADIX_BITS)
-    idx_ptr += g * stride_ih + i * stride_it
-    cnt_ptr += g * stride_nh + i
+    idx_ptr += g * stride_ih + row * stride_it
+    cnt_ptr += g * stride_nh + row
     if N_CHUNKS == 1:
         _store_selection(idx_ptr, cnt_ptr, b, chosen, slot, n_sel, MAX_SEL, BLOCK_SEL)
     else:
         # candidates [2, N_CHUNKS, BLOCK_SEL] per (kv head, tile): keys, then blocks
-        tile = g * tl.num_programs(1) + i
+        tile = g * tl.num_programs(1) + row
         cand_ptr += tile * 2 * N_CHUNKS * BLOCK_SEL
         j = tl.arange(0, BLOCK_SEL)
         tl.store(cand_ptr + chunk * BLOCK_SEL + j, tl.full([BLOCK_SEL], -1, tl.int32), mask=j >= n_sel)
@@ -437,7 +457,7 @@ def block_select(
     q: torch.Tensor, summaries: torch.Tensor, q_start: int | torch.Tensor,
     kernel: int = 32, stride: int = 16, block_size: int = 64, q_tile: int = 64,
     topk: int = 64, init_blocks: int = 1, window: int = 2048, sm_scale: float | None = None,
-    scores: torch.Tensor | None = None, max_len: int | None = None,
+    scores: torch.Tensor | None = None, max_len: int | None = None, per_query: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `reference`: q [Hq, T, d], summaries [Hkv, max_summaries, d] ->
     (block_idx [Hkv, n_tiles, max_sel], block_count [Hkv, n_tiles]), two or three launches (module doc), no host
@@ -450,8 +470,13 @@ def block_select(
     guarantees q_start + T <= L_cap. Both give the same bits. Pass max_len (the KV cache's length) with a tensor:
     131072 keys have 8191 summaries, which alone allow 131087 keys (2049 blocks: twice the select's work).
     When given, scores [Hkv, n_tiles, cdiv(L or L_cap, block_size)] fp32 receives reference_scores' block scores
-    in its first cdiv(L, block_size) columns."""
-    Hq, T, d = q.shape
+    in its first cdiv(L, block_size) columns.
+
+    per_query (speculative verification): q_start is a device int32 [T] tensor of each query's position, and each
+    query selects alone, with the bits of a call for it alone (q[:, i:i+1] at q_start[i:i+1]): outputs
+    [Hkv, T, max_sel] and [Hkv, T], in the same two launches as one query."""
+    Hq, queries, d = q.shape
+    T = 1 if per_query else queries  # per_query: every size below is a one-query call's
     Hkv = summaries.shape[0]
     G = Hq // Hkv
     assert Hq == G * Hkv and summaries.shape[2] == d and q.dtype == summaries.dtype
@@ -461,12 +486,14 @@ def block_select(
     L_cap = summaries.shape[1] * stride + kernel - 1
     L_cap = L_cap if max_len is None else min(L_cap, max_len)
     if isinstance(q_start, int):
+        assert not per_query, "per_query reads each query's start from a device tensor"
         L = q_start + T
         assert L <= L_cap
         start = torch.full((1,), q_start, dtype=torch.int32, device=dev)
     else:
-        assert T <= 8 and T <= q_tile, "a device q_start is for decode: T <= 8 queries in one tile"
-        assert q_start.shape == (1,) and q_start.dtype == torch.int32 and q_start.device == dev
+        assert queries <= 8 and T <= q_tile, "a device q_start is for decode: T <= 8 queries in one tile"
+        assert q_start.shape == (queries if per_query else 1,), "per_query: one start per query, else one"
+        assert q_start.dtype == torch.int32 and q_start.device == dev
         L, start = L_cap, q_start
     C, n_tiles, n_blocks = num_summaries(L, kernel, stride), triton.cdiv(T, q_tile), triton.cdiv(L, block_size)
     assert n_blocks < 65536
@@ -481,16 +508,16 @@ def block_select(
                  HEAD_MAJOR=cfg["head_major"])
     strides = (q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1))
     from_logits = T <= DECODE_LOGITS_MAX_T
-    logits = torch.empty((Hq, T, C16) if from_logits else (1, 1, 1), dtype=torch.float32, device=dev)  # [Hq, T, C]
+    logits = torch.empty((Hq, queries, C16) if from_logits else (1, 1, 1), dtype=torch.float32, device=dev)  # [Hq, T, C]
     # Pass 1: rows = BLOCK_G heads x BLOCK_T queries; split the summaries when there are few rows (decode).
     BLOCK_T = max(min(triton.next_power_of_2(T), cfg["lse_rows"] // BLOCK_G), min_t)
     n_tb = triton.cdiv(T, BLOCK_T)
     lse_splits = _max_splits(Hkv * n_tb)
-    lse = torch.empty((Hq, T, lse_splits), dtype=torch.float32, device=dev)  # [Hq, T, lse_splits] partial, log2
-    _lse_kernel[(Hkv, n_tb, min(lse_splits, triton.cdiv(max(C, 1), cfg["lse_block_c"])))](
+    lse = torch.empty((Hq, queries, lse_splits), dtype=torch.float32, device=dev)  # [Hq, T, lse_splits] partial, log2
+    _lse_kernel[(Hkv, queries if per_query else n_tb, min(lse_splits, triton.cdiv(max(C, 1), cfg["lse_block_c"])))](
         q, summaries, lse, logits, start, T, lse_splits, qk_scale, *strides, lse.stride(0), lse.stride(1),
         logits.stride(0), logits.stride(1), **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["lse_block_c"],
-        STORE_LOGITS=from_logits, num_warps=cfg["lse_warps"], num_stages=cfg["num_stages"], **pdl.launch(dev),
+        STORE_LOGITS=from_logits, PER_QUERY=per_query, num_warps=cfg["lse_warps"], num_stages=cfg["num_stages"], **pdl.launch(dev),
     )
     # Pass 2 (not with from_logits: pass 3 reads pass 1's logits): t-blocks inside one query tile; col [Hkv, n_tb,
     # C], written where seen by the t-block's last query.
@@ -506,7 +533,9 @@ def block_select(
             BLOCK_C=cfg["col_block_c"], BLOCK_S=BLOCK_S, LSE_BLOCK_C=cfg["lse_block_c"], num_warps=cfg["col_warps"],
             num_stages=cfg["num_stages"], **pdl.launch(dev),
         )
-    # Pass 3: one program per (kv head, tile, chunk of the blocks); chunks only with from_logits (one tile).
+    # Pass 3: one program per (kv head, tile or per_query query, chunk of the blocks); chunks only with from_logits
+    # (one tile).
+    n_tiles = queries if per_query else n_tiles  # rows of the outputs
     max_sel = max_selected(topk, window, block_size, q_tile, init_blocks)
     block_idx = torch.empty((Hkv, n_tiles, max_sel), dtype=torch.int32, device=dev)
     block_count = torch.empty((Hkv, n_tiles), dtype=torch.int32, device=dev)
@@ -528,7 +557,7 @@ def block_select(
         MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1, BLOCK_NB=BLOCK_NB, N_CHUNKS=n_chunks,
         BLOCK_SEL=BLOCK_SEL, RADIX_BITS=cfg["radix_bits"], BLOCK_G=BLOCK_G, BLOCK_S=BLOCK_S,
         LSE_BLOCK_C=cfg["lse_block_c"], FROM_LOGITS=from_logits, STORE_SCORES=scores is not None,
-        num_warps=min(8, max(4, BLOCK_NB // 256)),  # H100/H200: 8 beat 4 at 2048 blocks, 16 at 2048 and 4096
+        PER_QUERY=per_query, num_warps=min(8, max(4, BLOCK_NB // 256)),  # H100/H200: 8 beat 4 at 2048 blocks, 16 at 2048 and 4096
         **pdl.launch(dev),
     )
     return block_idx, block_count

@@ -224,3 +224,24 @@ def test_one_device_start_many_values(monkeypatch):
             launches.append((grids[:], got[0].shape))
             assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
         assert all(launch == launches[0] for launch in launches)
+
+
+@pytest.mark.parametrize("lanes", [1024, 16])
+@pytest.mark.parametrize("Hkv, G, d, q_start, T, dtype, geo", [
+    (1, 4, 64, 1290, 5, torch.float16, {}),
+    (2, 2, 64, 700, 8, torch.float32, {}),
+    (2, 1, 64, 3, 4, torch.float16, {}),  # the first queries see no summary yet
+    (1, 2, 64, 150, 3, torch.float16, dict(kernel=16, stride=8, block_size=32)),
+])
+def test_per_query_equals_each_query_alone(Hkv, G, d, q_start, T, dtype, geo, lanes, monkeypatch):
+    """Verification selects for each draft in one call: the bits of a call for that query alone."""
+    monkeypatch.setitem(block_select_module.TUNING, "select_lanes", lanes)
+    kernel, stride = geo.get("kernel", 32), geo.get("stride", 16)
+    q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, kernel, stride, spare=300)
+    sel = dict(q_tile=16, topk=3, window=100, **geo)
+    starts = torch.arange(q_start, q_start + T, dtype=torch.int32)
+    idx, cnt = block_select(q, summaries, starts, per_query=True, **sel)
+    assert idx.shape[:2] == cnt.shape == (Hkv, T)
+    for i in range(T):
+        alone_idx, alone_cnt = block_select(q[:, i:i + 1], summaries, starts[i:i + 1], **sel)
+        assert torch.equal(idx[:, i:i + 1], alone_idx) and torch.equal(cnt[:, i:i + 1], alone_cnt)

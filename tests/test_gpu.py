@@ -270,6 +270,23 @@ def test_block_select_device_start(Hkv, G, d, q_start, T):
     assert torch.equal(got_scores[..., :n_blocks], ref_scores)
 
 
+@pytest.mark.parametrize("Hkv, G, d, q_start, T", [(8, 4, 128, 131066, 6), (2, 7, 64, 30000, 8), (1, 8, 128, 9, 3)])
+def test_block_select_per_query_equals_each_query_alone(Hkv, G, d, q_start, T):
+    """Verification's one selection call for all its queries: each row has the bits of a call for that query."""
+    from infer.kernels.block_select import block_select
+    from infer.kernels.pool_keys import num_summaries
+
+    gen = torch.Generator().manual_seed(12)
+    summaries = randn(Hkv, num_summaries(q_start + T + 200), d, gen=gen)
+    q = randn(Hkv * G, T, d, gen=gen)
+    starts = torch.arange(q_start, q_start + T, dtype=torch.int32, device=DEVICE)
+    sel = dict(q_tile=16, max_len=q_start + T + 200)
+    idx, cnt = block_select(q, summaries, starts, per_query=True, **sel)
+    for i in range(T):
+        alone_idx, alone_cnt = block_select(q[:, i:i + 1], summaries, starts[i:i + 1], **sel)
+        assert torch.equal(idx[:, i:i + 1], alone_idx) and torch.equal(cnt[:, i:i + 1], alone_cnt)
+
+
 def test_chunked_decode_selection_equals_one_program(monkeypatch):
     """At 128K (4096 lanes of blocks) decode selects per chunk of 512 blocks, then the last chunk to finish picks
     among the chunks' top ones: the same bits as one program per kv head, call after call (the chunks meet through
