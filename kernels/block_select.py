@@ -495,7 +495,8 @@ def block_select(
         assert q_start.shape == (queries if per_query else 1,), "per_query: one start per query, else one"
         assert q_start.dtype == torch.int32 and q_start.device == dev
         L, start = L_cap, q_start
-    C, n_tiles, n_blocks = num_summaries(L, kernel, stride), triton.cdiv(T, q_tile), triton.cdiv(L, block_size)
+    C, n_blocks = num_summaries(L, kernel, stride), triton.cdiv(L, block_size)
+    n_tiles = queries if per_query else triton.cdiv(T, q_tile)  # rows of the outputs
     assert n_blocks < 65536
     qk_scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * 1.4426950408889634  # log2 domain
     # The kernels compute every count from start; the sizes reach them only as grids and as strides of the fp32
@@ -535,7 +536,6 @@ def block_select(
         )
     # Pass 3: one program per (kv head, tile or per_query query, chunk of the blocks); chunks only with from_logits
     # (one tile).
-    n_tiles = queries if per_query else n_tiles  # rows of the outputs
     max_sel = max_selected(topk, window, block_size, q_tile, init_blocks)
     block_idx = torch.empty((Hkv, n_tiles, max_sel), dtype=torch.int32, device=dev)
     block_count = torch.empty((Hkv, n_tiles), dtype=torch.int32, device=dev)

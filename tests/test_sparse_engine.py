@@ -138,7 +138,6 @@ def test_bench_cache_at_depth_holds_the_summaries_of_its_keys():
     assert step(torch.tensor([3])).shape == (1, TINY["vocab_size"])
 
 
-
 def test_prefill_runs_a_sparse_prompt_s_last_position_alone():
     """The token sampled after a prompt selects its blocks as a decoded token does, not with a tile of the prompt."""
     model, tokens = tiny_model(), torch.randint(0, 97, (150,))
