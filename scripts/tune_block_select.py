@@ -95,7 +95,7 @@ def run():
         kernel_times(prefill_selection, "prefill 128K selection")
 
         decode_select = lambda: bench.decode_select(q1, summaries, n, s)
-        decode_step = lambda: bench.sparse_decode_step(q1, k, v, summaries, s)
+        decode_step = bench.sparse_decode_step(q1, k, v, summaries, s)
         for programs in (256, 512):
             bs._TARGET_PROGRAMS = programs
             print(f"decode 128K [{programs} programs]: selection eager "
