@@ -256,10 +256,12 @@ def select_all(q, summaries, s: SparseConfig, chunk: int):
     return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
 
-def decode_select(q, summaries, L: int, s: SparseConfig):
-    """The engine's decode selection for q [Hq, T, d] at positions L-T..L-1: one tile."""
-    return block_select.block_select(q, summaries, L - q.shape[1], s.kernel_size, s.kernel_stride, s.block_size,
-                                     DECODE_Q_TILE, s.topk, s.init_blocks, s.window_size)
+def decode_select(q, summaries, L: int, s: SparseConfig, start: torch.Tensor | None = None):
+    """The engine's decode selection for q [Hq, T, d] at positions L-T..L-1: one tile. start: L-T in a device
+    int32 [1] tensor, as the engine passes it (the selection then sized to the capacity L), else an int."""
+    return block_select.block_select(q, summaries, L - q.shape[1] if start is None else start, s.kernel_size,
+                                     s.kernel_stride, s.block_size, DECODE_Q_TILE, s.topk, s.init_blocks,
+                                     s.window_size, max_len=L)
 
 
 def sparse_decode_step(q, k, v, summaries, s: SparseConfig):
@@ -271,8 +273,7 @@ def sparse_decode_step(q, k, v, summaries, s: SparseConfig):
     length = start + T
 
     def step() -> torch.Tensor:
-        idx, cnt = block_select.block_select(q, summaries, start, s.kernel_size, s.kernel_stride, s.block_size,
-                                             DECODE_Q_TILE, s.topk, s.init_blocks, s.window_size, max_len=L)
+        idx, cnt = decode_select(q, summaries, L, s, start)
         return sparse_decode.sparse_decode(q, k, v, length, idx, cnt, block_size=s.block_size)
 
     return step
