@@ -1,12 +1,19 @@
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from infer.weights.catalogue import pull
+
+# `python -m pytest` puts the repository root on sys.path, where our kernels/ folder would shadow the `kernels`
+# package that transformers imports (a dependency of it since 5.x). The engine is imported as infer.*, so the
+# root is not needed there.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 if not torch.cuda.is_available():
     # CPU: every Triton kernel runs in the interpreter. Set before any test module imports triton, whatever the order
