@@ -115,7 +115,7 @@ def cmd_bench(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from infer.engine import bench
+    from infer.engine.measure import bench
     from infer.engine.config import sparse_config
     from infer.engine.device import default_device, parse_dtype
 
@@ -154,7 +154,7 @@ def cmd_bench_attention(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from infer.engine import bench
+    from infer.engine.measure import bench
     from infer.engine.device import parse_dtype
 
     if not args.attention:
@@ -222,7 +222,7 @@ def cmd_eval(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from infer.engine import eval as quality
+    from infer.engine.measure import eval as quality
     from infer.weights.catalogue import resolve_model
 
     if args.sparse == "off":

@@ -13,7 +13,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 from infer.cli.main import main
-from infer.engine import bench
+from infer.engine.measure import bench
 from infer.engine.config import SparseConfig
 from infer.kernels import block_select as bs
 from infer.kernels import pool_keys

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-from infer.engine import bench
+from infer.engine.measure import bench
 from infer.engine.config import SparseConfig
 from infer.kernels import gemv, pdl
 

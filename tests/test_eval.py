@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import random_model_folder
 
-from infer.engine import eval as quality
+from infer.engine.measure import eval as quality
 from infer.engine.generate import Engine
 from infer.engine.tokenizer import Tokenizer
 

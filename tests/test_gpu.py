@@ -345,7 +345,7 @@ def test_decode_cuda_graph_replays_at_new_lengths():
 
 def test_bench_attention_checks():
     """The checks of `infer bench --attention --check` pass (top-k has work to do at L = 4096 with this config)."""
-    from infer.engine.bench import attention_checks
+    from infer.engine.measure.bench import attention_checks
     from infer.engine.config import SparseConfig
 
     results = attention_checks(L=4096, dtype=DTYPE, device=DEVICE, s=SparseConfig(topk=16, window_size=512))

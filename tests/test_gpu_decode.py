@@ -25,7 +25,7 @@ def compiled_kernels():
 
 @pytest.fixture(scope="module")
 def model():
-    from infer.engine import bench
+    from infer.engine.measure import bench
 
     return bench.random_model("smollm2-135m", torch.device("cuda"), torch.bfloat16)
 

@@ -126,7 +126,7 @@ def test_use_nope_changes_the_selection_and_equals_dense_with_every_block_select
 
 def test_bench_cache_at_depth_holds_the_summaries_of_its_keys():
     """`infer bench` decodes after random cached keys: their summaries are pooled (on CPU by the reference)."""
-    from infer.engine.bench import decode_at_depth
+    from infer.engine.measure.bench import decode_at_depth
 
     sparse = small_sparse()
     cache, step = decode_at_depth(tiny_model(), 100, 8, sparse, graphs=False)

@@ -12,14 +12,14 @@ import triton
 
 from infer.kernels import block_select, pool_keys, sparse_attention, sparse_decode
 
-from .attention import uses_sparse
-from .config import ModelConfig, SparseConfig
-from .cuda_graph import GraphedDecode
-from .device import synchronize
-from .errors import InferError
-from .generate import PREFILL_CHUNK
-from .kv_cache import KVCache, Positions
-from .model import Transformer, prefill
+from ..attention import uses_sparse
+from ..config import ModelConfig, SparseConfig
+from ..cuda_graph import GraphedDecode
+from ..device import synchronize
+from ..errors import InferError
+from ..generate import PREFILL_CHUNK
+from ..kv_cache import KVCache, Positions
+from ..model import Transformer, prefill
 
 # Real model shapes (config.json subsets); the weights are random, the cost is the real one.
 NAMED_SHAPES = {

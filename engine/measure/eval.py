@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from .attention import DECODE_MAX_QUERIES, latest_read, uses_sparse
-from .config import ModelConfig
-from .errors import InferError
-from .generate import Engine
-from .tokenizer import Tokenizer
+from ..attention import DECODE_MAX_QUERIES, latest_read, uses_sparse
+from ..config import ModelConfig
+from ..errors import InferError
+from ..generate import Engine
+from ..tokenizer import Tokenizer
 
 INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the pass key.")
