@@ -3,15 +3,19 @@
 The CLI only parses, renders and keeps the message list; the Engine reuses the cached prefix of each turn.
 """
 
+import contextlib
+import io
 import json
 import os
+import signal
 import sys
+import termios
 from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 
-from infer.engine.errors import InferError
+from infer.engine.errors import ContextOverflow, InferError
 
 DEFAULT_REQUEST = "Summarize the document above."
 PROMPT = ">>> "
@@ -97,12 +101,64 @@ class MarkdownView:
             self.console.print(Markdown(text))
 
 
+@contextlib.contextmanager
+def no_echo(terminal):
+    """The terminal `terminal` (a file; None, or not a terminal: nothing to do) echoes no keys meanwhile. Live
+    displays pad each line to the terminal's width, so an echoed key (Ctrl-C's "^C", type-ahead) would wrap the
+    cursor to a new line and the live region would no longer be erased: the partial answer then showed twice. Keys
+    typed meanwhile wait for the next prompt."""
+    try:
+        fd = terminal.fileno() if terminal is not None and terminal.isatty() else None
+    except (OSError, ValueError, io.UnsupportedOperation):
+        fd = None
+    if fd is None:
+        yield
+        return
+    attrs = termios.tcgetattr(fd)
+    quiet = list(attrs)
+    quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)  # the local modes
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+class Interrupts:
+    """Ctrl-C during a turn. While the answer streams, a press only sets `pressed`, which the turn checks after each
+    piece: no KeyboardInterrupt can land inside the live display or the bookkeeping after it. Before that (the
+    prefill), the first press raises KeyboardInterrupt at once, which leaves the engine consistent (the cache keeps
+    the chunks that finished). Later presses in the same turn are ignored."""
+
+    def __init__(self):
+        self.pressed = self.streaming = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._on_press)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _on_press(self, signum, frame):
+        if self.pressed:
+            return
+        self.pressed = True
+        if not self.streaming:
+            raise KeyboardInterrupt
+
+
 class Chat:
-    def __init__(self, engine, args, system: str | None):
-        self.engine, self.args = engine, args
+    def __init__(self, engine, sampling: dict, system: str | None = None, document: str | None = None,
+                 stats_file=None):
+        """sampling: overrides of the model's sampling defaults (SamplingParams fields); stats_file: a text file
+        that gets one JSON object of stats per turn."""
+        self.engine = engine
+        self.params = engine.sampling_params(**sampling)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.document = document  # prefixed to the first question kept in the conversation
+        self.stats_file = stats_file
         self.err = Console(stderr=True, highlight=False)
-        self.params = None
         self.stats_line = ""
 
     def set_system(self, text: str) -> None:
@@ -113,60 +169,89 @@ class Chat:
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
+        self.document = None
         self.engine.reset()
 
+    def fit(self, messages: list[dict], room: int) -> tuple[list[int], int]:
+        """The tokens of `messages` (a copy: it is trimmed in place), dropping the oldest question-answer pairs until
+        they leave `room` tokens for the answer; the system message, the document (carried to the next question) and
+        the newest question stay. Returns the tokens and how many pairs were dropped; raises ContextOverflow when
+        even the newest question alone does not fit."""
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        dropped = 0
+        tokens = self.engine.tokenizer.encode_chat(messages)
+        while len(tokens) + room > self.engine.max_len and len(messages) - first >= 3:
+            oldest = messages.pop(first)
+            if messages[first]["role"] == "assistant":
+                messages.pop(first)
+            if self.document and oldest["content"].startswith(self.document):  # the document moves on
+                messages[first] = {**messages[first], "content": self.document + "\n\n" + messages[first]["content"]}
+            dropped += 1
+            tokens = self.engine.tokenizer.encode_chat(messages)
+        if len(tokens) >= self.engine.max_len:
+            raise ContextOverflow(len(tokens), self.engine.max_len, self.engine.model_context)
+        return tokens, dropped  # with less room than asked, the answer stops at "context full"
+
     def turn(self, user_text: str, out, markdown: bool = False) -> str:
-        """Ask `user_text` after the conversation so far; stream the answer to `out`; return the stop reason.
+        """Ask `user_text` after the conversation so far (after the document, on the first question); stream the
+        answer to `out`; return the stop reason.
 
         markdown: show the streaming tail live and print the whole answer rendered as markdown at the end (a
-        terminal); else write the raw text as it comes (pipes). Ctrl-C while streaming keeps the partial answer;
-        an input that overflows the context raises InferError with the conversation left as it was."""
-        from infer.cli.main import sampling_overrides
-
-        if self.params is None:
-            self.params = self.engine.sampling_params(**sampling_overrides(self.args))
-        self.messages.append({"role": "user", "content": user_text})
-        tokens = self.engine.tokenizer.encode_chat(self.messages)
+        terminal); else write the raw text as it comes (pipes). When the conversation no longer fits, the oldest
+        turns are dropped (saying so). Ctrl-C keeps the partial answer. Any error leaves the conversation as it was."""
+        asked = not any(m["role"] == "user" for m in self.messages)
+        content = self.document + "\n\n" + user_text if self.document is not None and asked else user_text
+        messages = self.messages + [{"role": "user", "content": content}]
+        room = min(self.params.max_tokens, self.engine.max_len // 4)
+        tokens, dropped = self.fit(messages, room)
+        if dropped:
+            turns = "turn was" if dropped == 1 else f"{dropped} turns were"
+            self.err.print(f"(the conversation outgrew the {self.engine.max_len}-token context: the oldest {turns} "
+                           f"dropped)", style="dim", soft_wrap=True)
         bar = PrefillBar(sys.stderr.isatty())
-        view = MarkdownView(out) if markdown else None
+        view = None
         pieces: list[str] = []
-        stream = self.engine.generate(tokens, self.params, on_progress=bar)
-        try:
-            for piece in stream:
+        with Interrupts() as ctrl_c, no_echo(out if markdown else None):
+            stream = self.engine.generate(tokens, self.params, on_progress=bar)
+            try:
+                for piece in stream:
+                    if not ctrl_c.streaming:
+                        bar.close()
+                        view = MarkdownView(out) if markdown else None
+                        ctrl_c.streaming = True
+                    pieces.append(piece)
+                    if view:
+                        view.update("".join(pieces))
+                    else:
+                        out.write(piece)
+                        out.flush()
+                    if ctrl_c.pressed:
+                        break
+            except KeyboardInterrupt:  # during the prefill
+                pass
+            finally:
+                stream.close()  # stops the engine at this token ("interrupted" unless it had stopped already)
                 bar.close()
-                pieces.append(piece)
-                if view:
-                    view.update("".join(pieces))
-                else:
-                    out.write(piece)
-                    out.flush()
-        except KeyboardInterrupt:
-            stream.close()
-            self.engine.stats.stop_reason = "interrupted"
-        except InferError:
-            self.messages.pop()
-            raise
-        finally:
-            bar.close()
+            answer = "".join(pieces)
             if view:
-                view.close("".join(pieces))
-        answer = "".join(pieces)
-        if not view:
-            out.write("\n")
-            out.flush()
+                view.close(answer)
+            elif pieces:
+                out.write("\n")
+                out.flush()
+            interrupted = ctrl_c.pressed
         stats = self.engine.stats
-        if stats.stop_reason == "interrupted" and not answer:
-            self.messages.pop()  # nothing to keep: as if the question was never asked
-        else:
-            self.messages.append({"role": "assistant", "content": answer})
-        self.stats_line = stats.line() + (f" | {stats.stop_reason}" if stats.stop_reason not in ("eos", "") else "")
+        if interrupted and not answer:
+            self.err.print("(interrupted)", style="dim")
+            return "interrupted"  # nothing to keep: as if the question was never asked
+        self.messages = messages + [{"role": "assistant", "content": answer}]
+        self.stats_line = stats.line()
         self.err.print(self.stats_line, style="dim", soft_wrap=True)
-        if self.args.stats_json:
+        if self.stats_file:
             record = {**asdict(stats), "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,
                       "acceptance_rate": stats.acceptance_rate, "tokens_per_step": stats.tokens_per_step,
                       "draft_share": stats.draft_share}
-            with open(self.args.stats_json, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            self.stats_file.write(json.dumps(record) + "\n")
+            self.stats_file.flush()
         return stats.stop_reason
 
     # ---- interactive ----
@@ -220,11 +305,15 @@ class Chat:
             say(f"unknown command {name}; /help lists them")
         return True
 
-    def interactive(self, document: str | None, session) -> None:
+    def interactive(self, session) -> None:
+        """Read questions (and slash commands) from `session` until Ctrl-D or /exit. An error in a turn is shown on
+        one line and the conversation goes on as it was."""
+        from infer.cli.main import error_message, internal_error, is_out_of_memory
+
         out = sys.stdout
         say = lambda text: self.err.print(text, soft_wrap=True, markup=False, style="dim")
-        if document is not None:
-            say(f"(document loaded: {len(document)} characters; it goes with your first message)")
+        if self.document is not None:
+            say(f"(document loaded: {len(self.document)} characters; it goes with your first message)")
         say("(/help for commands, Ctrl-D to quit)")
         while True:
             try:
@@ -240,20 +329,24 @@ class Chat:
                 if not self.command(text):
                     return
                 continue
-            user_text = document + "\n\n" + text if document is not None else text
             try:
-                reason = self.turn(user_text, out, markdown=out.isatty())
+                reason = self.turn(text, out, markdown=out.isatty())
             except InferError as e:
-                self.err.print(f"{e}\nThe conversation is too long for the context: /reset to start over "
-                               f"(or restart with a larger --max-context).", soft_wrap=True, markup=False)
+                self.err.print(f"error: {error_message(e)}", soft_wrap=True, markup=False)
                 continue
-            document = None
+            except Exception as e:
+                if os.environ.get("INFER_DEBUG"):
+                    raise
+                problem = "out of memory" if is_out_of_memory(e) else f"internal error ({internal_error(e)})"
+                self.err.print(f"error: {problem}; the conversation is kept", soft_wrap=True, markup=False)
+                continue
             if reason == "context full":
-                say("(the context is full: /reset to start over)")
+                say("(the context is full: the next question drops the oldest turns, /reset clears them)")
 
 
 def make_session(tty=None):
-    """A prompt-toolkit session: Enter sends, Esc+Enter / Alt+Enter inserts a newline; history in the data dir."""
+    """A prompt-toolkit session: Enter sends, Esc+Enter / Alt+Enter inserts a newline; history in the data dir.
+    tty: open_tty()'s files, when stdin is not the terminal (a piped document)."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
@@ -275,39 +368,52 @@ def make_session(tty=None):
         from prompt_toolkit.input import create_input
         from prompt_toolkit.output import create_output
 
-        extra = dict(input=create_input(stdin=tty), output=create_output(stdout=tty))
+        tty_in, tty_out = tty
+        extra = dict(input=create_input(stdin=tty_in), output=create_output(stdout=tty_out))
     return PromptSession(history=history, key_bindings=bindings, multiline=False, **extra)
 
 
 def open_tty():
+    """The controlling terminal as (input, output) text files, or None without one. Two files: a terminal is not
+    seekable, so one text file opened for reading and writing ('r+') would fail."""
     try:
-        return open("/dev/tty", "r+", encoding="utf-8")
+        return open("/dev/tty", encoding="utf-8"), open("/dev/tty", "w", encoding="utf-8")
     except OSError:
         return None
 
 
+def open_stats_file(path: str | None):
+    if path is None:
+        return None
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as e:
+        raise InferError(f"cannot write --stats-json {path}: {e.strerror or e}") from None
+
+
 def cmd_chat(args) -> None:
-    from infer.cli.main import load_engine, read_stdin
+    from infer.cli.main import load_engine, read_stdin, sampling_overrides
 
     documents = [read_document_file(f) for f in args.file or []]
+    if args.file and not "".join(documents).strip():
+        raise InferError("the --file documents are empty")
     if not args.file and not sys.stdin.isatty():
         text = read_stdin()
-        if not text.strip():
+        if text.strip():
+            documents.append(text)
+        elif args.prompt is None:
             raise InferError("stdin is empty: pipe a document in (cat doc.txt | infer chat MODEL), or run in a terminal")
-        documents.append(text)
     document = "\n\n".join(documents) if documents else None
-    if args.file and not (document or "").strip():
-        raise InferError("the --file documents are empty")
+    sampling = sampling_overrides(args)  # checked, as the stats file is opened, before the model loads
+    stats_file = open_stats_file(args.stats_json)
 
     tty = None
     interactive = args.prompt is None and sys.stdin.isatty()
     if args.prompt is None and not sys.stdin.isatty():
         tty = open_tty()
         interactive = tty is not None
-    engine = load_engine(args)
-    chat = Chat(engine, args, args.system)
+    chat = Chat(load_engine(args), sampling, args.system, document, stats_file)
     if interactive:
-        chat.interactive(document, make_session(tty))
+        chat.interactive(make_session(tty))
         return
-    question = args.prompt if args.prompt is not None else DEFAULT_REQUEST
-    chat.turn(document + "\n\n" + question if document is not None else question, sys.stdout)
+    chat.turn(args.prompt if args.prompt is not None else DEFAULT_REQUEST, sys.stdout)

@@ -1,38 +1,74 @@
 """The `infer` command: parses flags, drives the engine, renders. It computes nothing itself."""
 
 import argparse
+import os
 import sys
 from importlib.metadata import version
 
-from infer.engine.errors import InferError
+from infer.engine.errors import ContextOverflow, InferError, ParameterError
+
+# The flag of each engine parameter (ParameterError.name), for error messages
+FLAGS = {
+    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty", "seed": "--seed", "max_tokens": "--max-tokens", "stop": "--stop",
+    "max_context": "--max-context", "device": "--device", "dtype": "--dtype", "mode": "--sparse",
+    "topk": "--sparse-topk", "block_size": "--block-size", "window_size": "--window", "dense_len": "--dense-len",
+    "max_draft": "--draft-tokens", "fr_spec": "--fr-spec", "draft": "--draft",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one `infer: error:` line, as every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"infer: error: {message} (see {self.prog} --help)\n")
+
+
+def error_message(e: InferError) -> str:
+    """The one line shown for an engine error: its parameters named as the flags that set them."""
+    if isinstance(e, ParameterError):
+        flag = lambda name: FLAGS.get(name, name)
+        return f"{flag(e.name)} {e.described(flag)}"
+    if isinstance(e, ContextOverflow):
+        if e.limit < e.model_limit:
+            return f"{e}: shorten it, or raise --max-context (the model takes up to {e.model_limit})"
+        return f"{e}, the model's whole context: shorten it"
+    return str(e)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model folder (Hugging Face layout) or a catalogue name, e.g. smollm2-135m-instruct")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--max-context", type=int, help="tokens the KV cache holds (default: the model's context)")
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="tokens the KV cache holds (default: the model's context, lowered to what fits in memory)")
     p.add_argument("--eager", action="store_true", help="run decode steps eagerly instead of replaying CUDA graphs")
     g = p.add_argument_group("block-sparse attention (defaults: the model's sparse_config, else MiniCPM4's)")
     g.add_argument("--sparse", choices=("auto", "on", "off"),
                    help="auto: dense up to --dense-len tokens, sparse past it (default); on: always sparse; off: always dense")
-    g.add_argument("--topk", type=int, help="KV blocks each query attends, sink and local window included (default 64)")
-    g.add_argument("--block-size", type=int, help="tokens per KV block (default 64)")
-    g.add_argument("--window", type=int, help="trailing tokens always attended (default 2048)")
-    g.add_argument("--dense-len", type=int, help="contexts up to this many tokens stay dense in auto mode (default 8192)")
+    g.add_argument("--sparse-topk", type=int, metavar="N",
+                   help="KV blocks each query attends, sink and local window included (default 64)")
+    g.add_argument("--block-size", type=int, metavar="N", help="tokens per KV block (default 64)")
+    g.add_argument("--window", type=int, metavar="N", help="trailing tokens always attended (default 2048)")
+    g.add_argument("--dense-len", type=int, metavar="N",
+                   help="contexts up to this many tokens stay dense in auto mode (default 8192)")
     g.add_argument("--use-nope", action="store_true", default=None,
                    help="score the blocks with queries and keys before RoPE (default: the model's sparse_config)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    p.add_argument("--temperature", type=float, help="0 is greedy (default: the model's generation_config, else 0)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g = p.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
+    g.add_argument("--max-tokens", type=int, default=256, metavar="N", help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, metavar="T", help="0 is greedy (default 0)")
+    g.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens; 0 is off (default 0)")
+    g.add_argument("--top-p", type=float, metavar="P",
+                   help="sample among the most likely tokens that hold P of the probability, in (0, 1] (default 1)")
+    g.add_argument("--min-p", type=float, metavar="P",
+                   help="drop tokens less likely than P times the most likely one, in [0, 1] (default 0)")
+    g.add_argument("--repetition-penalty", type=float, metavar="R",
+                   help="divide the logits of tokens already seen by R (> 0; default 1: off)")
+    g.add_argument("--seed", type=int, help="seed of the sampling (default: a random one)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop the answer at TEXT (repeatable)")
 
 
 def add_speculative_flags(p: argparse.ArgumentParser) -> None:
@@ -41,7 +77,7 @@ def add_speculative_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lookup", action=argparse.BooleanOptionalAction,
                    help="draft what followed the latest earlier occurrence of the last few tokens (default: on for prompts of 1024+ tokens)")
     g.add_argument("--fr-spec", type=int, metavar="N", help="keep only the N most frequent token ids in the draft model's LM head")
-    g.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per step, adapted to the acceptance (default 7)")
+    g.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per step, adapted to the acceptance (1-7, default 7)")
 
 
 def speculative_options(args) -> dict:
@@ -52,18 +88,21 @@ def speculative_options(args) -> dict:
     from infer.weights.catalogue import resolve_model
 
     return dict(draft=resolve_model(args.draft) if args.draft else None, lookup=args.lookup, fr_spec=args.fr_spec,
-                max_draft=args.draft_tokens or MAX_DRAFT)
+                max_draft=MAX_DRAFT if args.draft_tokens is None else args.draft_tokens)
 
 
 def sampling_overrides(args) -> dict:
-    if args.max_tokens < 1:
-        raise InferError("--max-tokens must be at least 1")
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    """The sampling flags given, checked (before any model loads)."""
+    from infer.engine.sampling import check_sampling
+
+    overrides = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                     min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    check_sampling(overrides)
+    return overrides
 
 
 def sparse_overrides(args) -> dict:
-    return dict(mode=args.sparse, topk=args.topk, block_size=args.block_size, window_size=args.window,
+    return dict(mode=args.sparse, topk=args.sparse_topk, block_size=args.block_size, window_size=args.window,
                 dense_len=args.dense_len, use_nope=args.use_nope)
 
 
@@ -71,9 +110,12 @@ def load_engine(args, sparse: dict | None = None):
     from infer.engine.generate import Engine
     from infer.weights.catalogue import resolve_model
 
-    return Engine(resolve_model(args.model), device=args.device, dtype=args.dtype, max_context=args.max_context,
-                  sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty(), cuda_graphs=not args.eager,
-                  **speculative_options(args))
+    engine = Engine(resolve_model(args.model), device=args.device, dtype=args.dtype, max_context=args.max_context,
+                    sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty(), cuda_graphs=not args.eager,
+                    **speculative_options(args))
+    if engine.context_note:
+        print(f"infer: note: {engine.context_note} (--max-context sets it)", file=sys.stderr)
+    return engine
 
 
 def cmd_generate(args) -> None:
@@ -82,13 +124,14 @@ def cmd_generate(args) -> None:
         if sys.stdin.isatty():
             raise InferError("give a prompt with -p/--prompt or on stdin")
         prompt = read_stdin()
+    params = sampling_overrides(args)
     engine = load_engine(args)
     if args.raw:
         tokens = engine.tokenizer.encode(prompt)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         tokens = engine.tokenizer.encode_chat(messages)
-    for piece in engine.generate(tokens, engine.sampling_params(**sampling_overrides(args))):
+    for piece in engine.generate(tokens, engine.sampling_params(**params)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -117,12 +160,12 @@ def cmd_bench(args) -> None:
 
     from infer.engine.measure import bench
     from infer.engine.config import sparse_config
-    from infer.engine.device import default_device, parse_dtype
+    from infer.engine.device import parse_device, parse_dtype
 
     if args.attention or args.check:
         return cmd_bench_attention(args)
-    device = torch.device(args.device or default_device())
-    dtype = parse_dtype(args.dtype, device.type)
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
     model = bench.random_model(args.shape, device, dtype)
     sparse = sparse_config(model.cfg.sparse, mode=args.sparse)
     bandwidth = bench.copy_bandwidth(device)
@@ -155,14 +198,14 @@ def cmd_bench_attention(args) -> None:
     from rich.table import Table
 
     from infer.engine.measure import bench
-    from infer.engine.device import parse_dtype
+    from infer.engine.device import parse_device, parse_dtype
 
     if not args.attention:
         raise InferError("--check goes with --attention")
-    if not torch.cuda.is_available() or (args.device or "cuda").split(":")[0] != "cuda":
+    device = parse_device(args.device)
+    if device.type != "cuda":
         raise InferError("bench --attention measures the CUDA kernels: it needs a CUDA GPU")
-    device = torch.device(args.device or "cuda")
-    dtype = parse_dtype(args.dtype, "cuda")
+    dtype = parse_dtype(args.dtype, device)
     checks = []
     if args.check:
         checks = bench.attention_checks(dtype=dtype, device=device)
@@ -314,7 +357,7 @@ def read_stdin() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infer", description="Long-context LLM inference: block-sparse attention, speculative decoding.")
+    parser = Parser(prog="infer", description="Long-context LLM inference: block-sparse attention, speculative decoding.")
     parser.add_argument("--version", action="version", version=f"infer {version('infer')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -390,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except InferError as e:
-        print(f"infer: error: {e}", file=sys.stderr)
+        print(f"infer: error: {error_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninfer: interrupted", file=sys.stderr)
@@ -400,12 +443,28 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("infer: error: out of memory; try a smaller --max-context", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-        if "out of memory" not in str(e):
+    except Exception as e:
+        if is_out_of_memory(e):
+            print("infer: error: out of memory; try a smaller --max-context or a smaller model", file=sys.stderr)
+            return 1
+        if os.environ.get("INFER_DEBUG"):
             raise
-        print("infer: error: out of GPU memory; try a smaller --max-context or a smaller model", file=sys.stderr)
+        print(f"infer: error: internal error ({internal_error(e)}); INFER_DEBUG=1 shows where", file=sys.stderr)
         return 1
     return 0
+
+
+def is_out_of_memory(e: Exception) -> bool:
+    """torch's GPU out-of-memory error, or its CPU allocator's."""
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def internal_error(e: Exception) -> str:
+    """An unexpected exception as one line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return type(e).__name__ + (f": {lines[0]}" if lines else "")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
 """Model configuration: one dataclass for every supported architecture, read from a Hugging Face config.json."""
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InferError
+from .errors import InferError, ParameterError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "minicpm")
+# Sanity bounds on config.json sizes (far beyond any real model; they stop a hostile file from hanging the build)
+MAX_VOCAB = 1 << 22
+MAX_WIDTH = 1 << 16  # hidden_size; intermediate_size up to 16x
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_POSITIONS = 1 << 24
 SPARSE_MODES = ("auto", "on", "off")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -35,11 +43,17 @@ class SparseConfig:
 
     def __post_init__(self):
         if self.mode not in SPARSE_MODES:
-            raise InferError(f"sparse mode {self.mode!r}: expected one of {', '.join(SPARSE_MODES)}")
+            raise ParameterError("mode", f"must be one of {', '.join(SPARSE_MODES)}, got {self.mode!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise InferError(f"sparse block size {self.block_size}: must be a power of two, at least 16")
-        if min(self.kernel_size, self.kernel_stride, self.topk, self.init_blocks + 1) < 1 or self.window_size < 0:
-            raise InferError("sparse kernel size, stride and top-k must be positive; window and init blocks not negative")
+            raise ParameterError("block_size", f"must be a power of two, at least 16, got {self.block_size}")
+        for name in ("kernel_size", "kernel_stride", "topk", "dense_len"):
+            if getattr(self, name) < 1:
+                raise ParameterError(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("window_size", "init_blocks"):
+            if getattr(self, name) < 0:
+                raise ParameterError(name, f"must not be negative, got {getattr(self, name)}")
+        if self.kernel_stride > self.kernel_size:
+            raise ParameterError("kernel_stride", f"{self.kernel_stride} must not exceed kernel_size {self.kernel_size}")
 
 
 def sparse_config(model_sparse: SparseConfig | None, **overrides) -> SparseConfig | None:
@@ -78,72 +92,158 @@ class ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise InferError(f"{path} has no config.json: not a Hugging Face model folder")
-        try:
-            raw = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InferError(f"{config_file} is not valid JSON: {e}") from None
-        cfg = ModelConfig.from_dict(raw)
+        cfg = ModelConfig.from_dict(read_json_object(config_file), source=str(config_file))
         generation_file = Path(path) / "generation_config.json"  # may list more end-of-turn ids than config.json
         if generation_file.is_file():
-            try:
-                extra = id_list(json.loads(generation_file.read_text()).get("eos_token_id"))
-            except json.JSONDecodeError:
-                extra = []
+            extra = token_ids(read_json_object(generation_file), "eos_token_id", str(generation_file))
             cfg.eos_token_ids += [i for i in extra if i not in cfg.eos_token_ids]
         return cfg
 
     @staticmethod
-    def from_dict(raw: dict) -> "ModelConfig":
+    def from_dict(raw: dict, source: str = "config.json") -> "ModelConfig":
+        """The config of a config.json's contents; every field the engine reads is checked for its type and a sane
+        range first, and an InferError names `source` and the field."""
+        if not isinstance(raw, dict):
+            raise InferError(f"{source} must hold a JSON object, not {type(raw).__name__}")
+        get = functools.partial(_field, raw, source)
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise InferError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        try:
-            hidden, heads, layers = raw["hidden_size"], raw["num_attention_heads"], raw["num_hidden_layers"]
-            cfg = ModelConfig(
-                model_type=model_type,
-                vocab_size=raw["vocab_size"],
-                hidden_size=hidden,
-                intermediate_size=raw["intermediate_size"],
-                num_layers=layers,
-                num_heads=heads,
-                num_kv_heads=raw.get("num_key_value_heads") or heads,
-                head_dim=raw.get("head_dim") or hidden // heads,
-                rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-                max_position_embeddings=raw.get("max_position_embeddings", 4096),
-                tie_word_embeddings=raw.get("tie_word_embeddings", model_type == "minicpm"),
-                attention_bias=raw.get("attention_bias", model_type == "qwen2"),
-                qk_norm=model_type == "qwen3",
-                rope=_rope_config(raw),
-                bos_token_id=raw.get("bos_token_id"),
-                eos_token_ids=id_list(raw.get("eos_token_id")),
-            )
-        except KeyError as e:
-            raise InferError(f"config.json lacks the key {e.args[0]!r}") from None
+            raise InferError(f"unsupported model_type {model_type!r} in {source}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        hidden = get("hidden_size", int, hi=MAX_WIDTH)
+        heads = get("num_attention_heads", int, hi=MAX_HEADS)
+        layers = get("num_hidden_layers", int, hi=MAX_LAYERS)
+        kv_heads = get("num_key_value_heads", int, heads, hi=heads)
+        head_dim = get("head_dim", int, None, hi=MAX_HEAD_DIM)
+        if head_dim is None:
+            if hidden % heads:
+                raise InferError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                                 f"(and no head_dim is given)")
+            head_dim = hidden // heads
+        if head_dim % 2:
+            raise InferError(f"{source}: head_dim {head_dim} must be even (rotary embeddings rotate pairs)")
+        if heads % kv_heads:
+            raise InferError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        cfg = ModelConfig(
+            model_type=model_type,
+            vocab_size=get("vocab_size", int, hi=MAX_VOCAB),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size", int, hi=MAX_WIDTH * 16),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=get("rms_norm_eps", float, 1e-6, lo=0.0, hi=1.0, lo_open=True),
+            max_position_embeddings=get("max_position_embeddings", int, 4096, hi=MAX_POSITIONS),
+            tie_word_embeddings=get("tie_word_embeddings", bool, model_type == "minicpm"),
+            attention_bias=get("attention_bias", bool, model_type == "qwen2"),
+            qk_norm=model_type == "qwen3",
+            rope=_rope_config(raw, head_dim, source),
+            bos_token_id=get("bos_token_id", int, None, lo=0),
+            eos_token_ids=token_ids(raw, "eos_token_id", source),
+        )
         if model_type == "minicpm":
-            cfg.scale_emb = raw.get("scale_emb", 1.0)
-            cfg.residual_scale = raw.get("scale_depth", 1.0) / math.sqrt(layers)
-            cfg.logit_scale = raw.get("dim_model_base", hidden) / hidden
-        if raw.get("sparse_config"):
-            known = SparseConfig.__dataclass_fields__
-            cfg.sparse = SparseConfig(**{k: v for k, v in raw["sparse_config"].items() if k in known})
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise InferError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}")
+            cfg.scale_emb = get("scale_emb", float, 1.0, lo=0.0, lo_open=True)
+            cfg.residual_scale = get("scale_depth", float, 1.0, lo=0.0, lo_open=True) / math.sqrt(layers)
+            cfg.logit_scale = get("dim_model_base", float, hidden, lo=0.0, lo_open=True) / hidden
+        sparse = get("sparse_config", dict, None)
+        if sparse:
+            try:
+                cfg.sparse = SparseConfig(**_sparse_fields(sparse, f"{source}: sparse_config"))
+            except ParameterError as e:
+                raise InferError(f"{source}: sparse_config {e}") from None
         return cfg
 
 
-def id_list(value) -> list[int]:
+def token_ids(raw: dict, key: str, source: str) -> list[int]:
+    """The token id, or list of ids, under `key` (absent or null: none)."""
+    value = raw.get(key)
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise InferError(f"{source}: {key} must be a token id or a list of token ids, got {value!r}")
+    return ids
+
+
+def read_json_object(file: Path) -> dict:
+    """The JSON object in `file`; anything else (unreadable, not JSON, a list) is an InferError naming the file."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InferError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise InferError(f"{file} must hold a JSON object, not {type(raw).__name__}")
+    return raw
+
+
+_REQUIRED = object()
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
+               list: "a list"}
+
+
+def _field(raw: dict, source: str, key: str, kind: type, default=_REQUIRED, lo=1, hi=None, lo_open=False):
+    """raw[key] checked to be of `kind` (int excludes bool; float takes ints too, never nan or inf) and, for numbers,
+    in [lo, hi] (lo excluded when lo_open); a missing key or a null gives `default`, or an error when required."""
+    value = raw.get(key)
     if value is None:
-        return []
-    return list(value) if isinstance(value, list) else [value]
+        if default is _REQUIRED:
+            raise InferError(f"{source} lacks the key {key!r}")
+        return default
+    number = kind in (int, float)
+    ok = isinstance(value, kind) and not (number and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if ok and kind is float:
+        ok = math.isfinite(value)
+    if not ok:
+        raise InferError(f"{source}: {key} must be {_TYPE_NAMES[kind]}, got {value!r}")
+    if number and ((value <= lo if lo_open else value < lo) or (hi is not None and value > hi)):
+        low = f"{'above' if lo_open else 'at least'} {lo}"
+        raise InferError(f"{source}: {key} {value!r} is out of range (must be {low}" +
+                         (f" and at most {hi})" if hi is not None else ")"))
+    return value
 
 
-def _rope_config(raw: dict) -> RopeConfig:
+def _sparse_fields(raw: dict, source: str) -> dict:
+    """The SparseConfig fields a sparse_config names (unknown keys ignored), each checked for its type."""
+    get = functools.partial(_field, raw, source)
+    return {k: get(k, f.type, lo=0) for k, f in SparseConfig.__dataclass_fields__.items() if k in raw}
+
+
+# The keys each rope scaling type reads (engine/rope.py), with the range of each.
+_ROPE_KEYS = {
+    "linear": {"factor": (float, True)},
+    "dynamic": {"factor": (float, True)},
+    "llama3": {"factor": (float, True), "low_freq_factor": (float, True), "high_freq_factor": (float, True),
+               "original_max_position_embeddings": (int, True)},
+    "yarn": {"factor": (float, False), "original_max_position_embeddings": (int, False),
+             "attention_factor": (float, False), "beta_fast": (float, False), "beta_slow": (float, False),
+             "mscale": (float, False), "mscale_all_dim": (float, False)},
+    "longrope": {"original_max_position_embeddings": (int, True), "short_factor": (list, True),
+                 "long_factor": (list, True), "factor": (float, False), "attention_factor": (float, False)},
+}
+
+
+def _rope_config(raw: dict, head_dim: int, source: str) -> RopeConfig:
     """Accept both the classic rope_theta/rope_scaling keys and the newer rope_parameters dict."""
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = params.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise InferError(f"{source}: rope_scaling must be a JSON object, got {params!r}")
+    params = dict(params)
+    theta = params.pop("rope_theta", None)
+    theta = _field({"rope_theta": raw.get("rope_theta") if theta is None else theta}, source, "rope_theta", float,
+                   10000.0, lo=0.0, lo_open=True)
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     if rope_type == "su":  # the old name of longrope
         rope_type = "longrope"
     if rope_type not in ROPE_TYPES:
-        raise InferError(f"unsupported rope scaling {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        raise InferError(f"unsupported rope scaling {rope_type!r} in {source}; supported: {', '.join(ROPE_TYPES)}")
+    for key, (kind, required) in _ROPE_KEYS.get(rope_type, {}).items():
+        value = _field(params, f"{source}: rope_scaling", key, kind, _REQUIRED if required else None, lo=0.0,
+                       lo_open=True)
+        if kind is list and not (len(value) == head_dim // 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in value)):
+            raise InferError(f"{source}: rope_scaling {key} must be {head_dim // 2} positive numbers")
+        if value is not None:
+            params[key] = value
+    if rope_type == "llama3" and params["low_freq_factor"] >= params["high_freq_factor"]:
+        raise InferError(f"{source}: rope_scaling low_freq_factor must be below high_freq_factor")
     return RopeConfig(theta=theta, type=rope_type, params=params)

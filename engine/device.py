@@ -1,24 +1,50 @@
-"""Device and dtype choices shared by the engine and the benchmarks."""
+"""Device and dtype choices shared by the engine and the benchmarks, and the memory a device has free."""
+
+import os
 
 import torch
 
-from .errors import InferError
+from .errors import ParameterError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def parse_device(name: str | None) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N` (default: cuda when a GPU is there); anything else, or a GPU that is not there, is
+    a ParameterError("device")."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ParameterError("device", f"must be cpu, cuda or cuda:N, got {name!r}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ParameterError("device", f"{name} was asked for, but no CUDA GPU is available")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ParameterError("device", f"{name} was asked for, but only {torch.cuda.device_count()} GPU(s) are there")
+    return torch.device(name)
 
 
-def parse_dtype(name: str | None, device: str) -> torch.dtype:
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """The dtype called `name`; by default bfloat16 on CUDA and float32 on the CPU."""
     if name is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise InferError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise ParameterError("dtype", f"must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that new tensors on `device` can take now: the GPU's free memory, or the CPU's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def synchronize(device: torch.device) -> None:

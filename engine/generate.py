@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 from .attention import latest_read
-from .config import sparse_config
+from .config import ModelConfig, sparse_config
 from .cuda_graph import GraphedDecode
-from .device import PendingInt, default_device, parse_dtype, synchronize
-from .errors import InferError
+from .device import PendingInt, parse_device, parse_dtype, synchronize
+from .errors import ContextOverflow, InferError
+from .memory import fit_context, model_memory
 from .sampling import Sampler, SamplingParams, generation_defaults
-from .speculative import MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, verify
+from .speculative import MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, check_same_vocabulary, verify
 from .tokenizer import StreamDecoder, Tokenizer
 from .model import prefill, reusable_prefix
 from .weights import load_model
@@ -29,7 +30,7 @@ class Stats:
     first_token_seconds: float = 0.0  # from the call to the first sampled token
     generated_tokens: int = 0
     decode_seconds: float = 0.0  # after the first token
-    stop_reason: str = ""  # "eos", "stop string", "max tokens", "context full", "interrupted"
+    stop_reason: str = ""  # "end of turn", "stop string", "max tokens", "context full", "interrupted"
     attention: str = "dense"  # the attention path of the last decoded token: "dense" or "sparse"
     kv_read: float = 1.0  # fraction of the cached keys and values the last decoded token attended
     speculative: str = ""  # the drafters on in this turn ("lookup", "draft", "lookup+draft"); "" when off
@@ -68,7 +69,8 @@ class Stats:
             f"prompt {self.prompt_tokens} tok ({self.reused_tokens} reused) at {self.prefill_tps:.1f} tok/s | "
             f"first token {self.first_token_seconds * 1000:.0f} ms | "
             f"generated {self.generated_tokens} tok at {self.decode_tps:.1f} tok/s | "
-            f"{self.attention} attention, {100 * self.kv_read:.0f}% of KV read per token{speculative}"
+            f"{self.attention} attention, {100 * self.kv_read:.0f}% of KV read per token{speculative} | "
+            f"stopped: {self.stop_reason}"
         )
 
 
@@ -81,29 +83,38 @@ class Engine:
                  max_draft: int = MAX_DRAFT, cuda_graphs: bool = True):
         """sparse: overrides of the model's sparse_config (mode, topk, block_size, window_size, dense_len, ...).
         draft, lookup, fr_spec, max_draft: speculative decoding, see speculative.SpeculativeConfig.
-        cuda_graphs: replay decode steps from CUDA graphs (on CUDA; False runs them eagerly)."""
+        cuda_graphs: replay decode steps from CUDA graphs (on CUDA; False runs them eagerly).
+        Everything is checked before the weights load: a bad value raises InferError (ParameterError naming the
+        parameter), and so does a model that does not fit the device's free memory. max_context None: the model's
+        context, lowered to what fits (then context_note says so)."""
         speculative = SpeculativeConfig(draft, lookup, fr_spec, max_draft)
-        device = device or default_device()
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise InferError("--device cuda was asked for, but no CUDA GPU is available")
-        self.device = torch.device(device)
-        dtype = parse_dtype(dtype, device)
-        self.model = load_model(model_dir, self.device, dtype, progress=progress)
-        self.tokenizer = Tokenizer.from_dir(model_dir)
-        cfg = self.model.cfg
-        self.max_len = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.device = parse_device(device)
+        dtype = parse_dtype(dtype, self.device)
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise InferError(f"model folder {model_dir} does not exist")
+        cfg = ModelConfig.from_dir(model_dir)
         self.sparse = sparse_config(cfg.sparse, **(sparse or {}))  # None: dense attention only
+        self.defaults = generation_defaults(model_dir)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        draft_cfg = None
+        if draft is not None:
+            check_same_vocabulary(Tokenizer.from_dir(draft), self.tokenizer, Path(draft).name)
+            draft_cfg = ModelConfig.from_dir(draft)
+        needs = [model_memory(c, dtype, PREFILL_CHUNK, s) for c, s in ((cfg, self.sparse), (draft_cfg, None)) if c]
+        self.model_context = cfg.max_position_embeddings
+        self.max_len, self.context_note = fit_context(needs, self.device, max_context, self.model_context)
+        self.model = load_model(model_dir, cfg, self.device, dtype, progress=progress)
         self.cache = self.model.new_cache(self.max_len, self.sparse)
         self.decode = GraphedDecode(self.model, self.cache, cuda_graphs)
         self.tokens: list[int] = []  # the tokens whose keys and values the cache holds, in order
-        self.defaults = generation_defaults(model_dir)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.stats = Stats()
         self.speculator = None
         if speculative.enabled:
-            drafter = DraftModel(draft, self.tokenizer, cfg.vocab_size, self.device, dtype, self.max_len, PREFILL_CHUNK,
+            drafter = DraftModel(draft, draft_cfg, cfg.vocab_size, self.device, dtype, self.max_len, PREFILL_CHUNK,
                                  progress, cuda_graphs) if draft is not None else None
             self.speculator = Speculator(speculative, drafter, self.eos_ids)
 
@@ -119,8 +130,10 @@ class Engine:
 
     def prefill(self, tokens: list[int], on_progress=None) -> torch.Tensor:
         """Bring the cache to hold `tokens`, reusing the longest cached prefix; returns the last position's logits [V]."""
+        if not tokens:
+            raise InferError("the prompt has no tokens: nothing to answer")
         if len(tokens) >= self.max_len:
-            raise InferError(f"the input has {len(tokens)} tokens; the context holds {self.max_len}. Shorten it or raise --max-context")
+            raise ContextOverflow(len(tokens), self.max_len, self.model_context)
         reuse = reusable_prefix(self.tokens, tokens)
         self.stats = Stats(prompt_tokens=len(tokens) - reuse, reused_tokens=reuse)
         logits = prefill(self.model, self.cache, self.tokens, tokens, reuse, PREFILL_CHUNK, on_progress, self.decode)
@@ -142,7 +155,7 @@ class Engine:
             stats.speculative = self.speculator.begin(tokens)
         first = sampler.sample(logits, history)  # [1]
         answer = (self._speculate if stats.speculative else self._decode_ahead)(first, sampler, history)
-        done = len(tokens)  # the prompt and the answer tokens that passed every check
+        done = len(tokens)  # the prompt and the answer tokens the answer went on past: what the cache keeps
         try:
             for token in answer:
                 stats.generated_tokens += 1
@@ -152,7 +165,7 @@ class Engine:
                 else:
                     stats.decode_seconds = time.perf_counter() - first_token_time
                 if token in self.eos_ids:
-                    stats.stop_reason = "eos"
+                    stats.stop_reason = "end of turn"
                     break
                 text += decoder.push(token)
                 end, stopped = _visible_end(text, params.stop)
@@ -162,12 +175,12 @@ class Engine:
                 if stopped:
                     stats.stop_reason = "stop string"
                     break
+                if stats.generated_tokens >= params.max_tokens:
+                    break
                 if done + 1 >= self.max_len:
                     stats.stop_reason = "context full"
                     break
-                done += 1
-                if stats.generated_tokens >= params.max_tokens:
-                    break
+                done += 1  # the answer goes on past this token: it stays cached
             if stats.stop_reason != "stop string":
                 text += decoder.flush()
                 if len(text) > emitted:
@@ -205,17 +218,20 @@ class Engine:
                 return
 
     def _speculate(self, first: torch.Tensor, sampler: Sampler, history: torch.Tensor) -> Iterator[int]:
-        """The answer's tokens from `first` on, as _decode_ahead yields them (each fed before it is yielded), but
-        each target pass feeding a token also verifies the drafts proposed after it."""
+        """The answer's tokens from `first` on, each target pass feeding a token also verifying the drafts proposed
+        after it. A token is yielded as soon as it is decided, before the pass that feeds it (so the clock of the
+        first token and of decoding starts when the answer does, not after the first drafting)."""
         penalty = sampler.params.repetition_penalty != 1.0
         queue = [int(first)]  # the next tokens, decided; all but the last are already cached
         while queue:
             token = queue.pop(0)
+            yield token  # the caller may stop here: the last token of the queue is then never fed
             if penalty:
                 history = torch.cat([history, torch.tensor([token], device=self.device)])
-            if not queue and len(self.tokens) + 1 < self.max_len:  # else the caller stops at it: context full
+            if not queue:
+                if len(self.tokens) + 1 >= self.max_len:  # the caller stopped at it: context full
+                    return
                 queue = self._advance(token, sampler, history)
-            yield token
 
     def _advance(self, token: int, sampler: Sampler, history: torch.Tensor) -> list[int]:
         """Feed `token` with any drafts to follow it in one forward pass; return the drafts the target accepted

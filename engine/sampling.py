@@ -1,10 +1,13 @@
 """Turning logits into the next token: greedy, temperature, top-k, top-p, min-p, repetition penalty."""
 
-import json
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .config import read_json_object
+from .errors import InferError, ParameterError
 
 
 @dataclass
@@ -18,24 +21,56 @@ class SamplingParams:
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)  # stop strings, besides the EOS ids
 
+    def __post_init__(self):
+        check_sampling(vars(self))
+
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each sampling value must be: (test, what the error says). The one place these rules live: flags, request
+# fields and generation_config.json are all checked with them.
+SAMPLING_RULES = {
+    "temperature": (lambda v: _number(v) and v >= 0, "must be a number >= 0 (0 is greedy)"),
+    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "must be an integer >= 0 (0 is off)"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "must be a number in (0, 1]"),
+    "min_p": (lambda v: _number(v) and 0 <= v <= 1, "must be a number in [0, 1]"),
+    "repetition_penalty": (lambda v: _number(v) and v > 0, "must be a number > 0 (1 is off)"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 63, "must be an integer >= 0"),
+    "max_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "must be an integer >= 1"),
+    "stop": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+             "must be a list of non-empty strings"),
+}
+
+
+def check_sampling(values: dict) -> None:
+    """Raise ParameterError for the first value of `values` (SamplingParams field names; None means unset) that
+    SAMPLING_RULES refuses."""
+    for name, value in values.items():
+        test, rule = SAMPLING_RULES[name]
+        if value is not None and not test(value):
+            raise ParameterError(name, f"{rule}, got {value!r}")
+
+
 def generation_defaults(path: Path) -> dict:
-    """Sampling defaults from a model's generation_config.json, under SamplingParams' names."""
+    """Sampling defaults from a model's generation_config.json, under SamplingParams' names; a value of the wrong
+    kind is an InferError naming the file and the field."""
     file = Path(path) / "generation_config.json"
     if not file.is_file():
         return {}
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError:
-        return {}
-    names = {f.name for f in fields(SamplingParams)}
-    defaults = {k: v for k, v in raw.items() if k in names and v is not None}
+    raw = read_json_object(file)
+    defaults = {k: v for k, v in raw.items() if k in SAMPLING_RULES and k not in ("stop", "seed") and v is not None}
     if raw.get("do_sample") is False:
         defaults["temperature"] = 0.0
+    try:
+        check_sampling(defaults)
+    except ParameterError as e:
+        raise InferError(f"{file}: {e}") from None
     return defaults
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from .config import ModelConfig
 from .cuda_graph import GraphedDecode
-from .errors import InferError
+from .errors import InferError, ParameterError
 from .sampling import Sampler, apply_repetition_penalty, probabilities
 from .tokenizer import Tokenizer
 from .model import prefill, reusable_prefix
@@ -38,9 +39,11 @@ class SpeculativeConfig:
 
     def __post_init__(self):
         if self.fr_spec is not None and self.draft is None:
-            raise InferError("--fr-spec prunes the draft model's LM head: give a draft model (--draft) too")
-        if self.max_draft < 1 or (self.fr_spec is not None and self.fr_spec < 1):
-            raise InferError("--draft-tokens and --fr-spec must be positive")
+            raise ParameterError("fr_spec", "prunes the draft model's LM head: give a draft model ({draft}) too", ("draft",))
+        if not 1 <= self.max_draft <= MAX_DRAFT:
+            raise ParameterError("max_draft", f"must be between 1 and {MAX_DRAFT}, got {self.max_draft}")
+        if self.fr_spec is not None and self.fr_spec < 1:
+            raise ParameterError("fr_spec", f"must be at least 1, got {self.fr_spec}")
 
     @property
     def enabled(self) -> bool:
@@ -112,10 +115,10 @@ def check_same_vocabulary(draft: Tokenizer, target: Tokenizer, name: str) -> Non
 class DraftModel:
     """A smaller model with the target's tokenizer and its own dense KV cache, drafting k tokens autoregressively."""
 
-    def __init__(self, path: Path, target: Tokenizer, target_vocab: int, device: torch.device, dtype: torch.dtype,
+    def __init__(self, path: Path, cfg: ModelConfig, target_vocab: int, device: torch.device, dtype: torch.dtype,
                  max_len: int, chunk: int, progress: bool = True, cuda_graphs: bool = True):
-        check_same_vocabulary(Tokenizer.from_dir(path), target, Path(path).name)
-        self.model = load_model(path, device, dtype, progress=progress)
+        """cfg: the draft model folder's config; its tokenizer must be the target's (check_same_vocabulary)."""
+        self.model = load_model(path, cfg, device, dtype, progress=progress)
         cfg = self.model.cfg
         self.cache = self.model.new_cache(min(max_len, cfg.max_position_embeddings))
         self.decode = GraphedDecode(self.model, self.cache, cuda_graphs)

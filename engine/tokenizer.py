@@ -13,22 +13,30 @@ import tokenizers
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .config import read_json_object
 from .errors import InferError
 
 # The named special tokens transformers passes to chat templates (its `special_tokens_map`).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _content(token) -> str | None:
+def _content(token, source: str, name: str) -> str | None:
     """A special token from tokenizer_config.json: a string, an AddedToken dict with "content", or null."""
-    return token["content"] if isinstance(token, dict) else token
+    content = token.get("content") if isinstance(token, dict) else token
+    if content is not None and not isinstance(content, str):
+        raise InferError(f"{source}: {name} must be a token string or an object with its \"content\", got {token!r}")
+    return content
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InferError(f"cannot read {path}: {e}") from e
+def _chat_template(config: dict, source: str) -> str | None:
+    """The chat template of tokenizer_config.json: a string, or a list of named ones ("default" is used)."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: transformers uses "default"
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise InferError(f"{source}: chat_template must be a string or a list of named templates")
+    return template
 
 
 class Tokenizer:
@@ -43,13 +51,16 @@ class Tokenizer:
     @staticmethod
     def from_dir(path) -> "Tokenizer":
         path = Path(path)
-        config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-        template = config.get("chat_template")
-        if isinstance(template, list):  # several named templates: transformers uses "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        config_file = path / "tokenizer_config.json"
+        config = read_json_object(config_file) if config_file.is_file() else {}
+        template = _chat_template(config, str(config_file))
         if (path / "chat_template.jinja").is_file():  # the separate file wins over tokenizer_config.json
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        special = {name: _content(config[name]) for name in SPECIAL_TOKEN_NAMES if _content(config.get(name))}
+            try:
+                template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise InferError(f"cannot read {path / 'chat_template.jinja'}: {e}") from None
+        contents = {name: _content(config.get(name), str(config_file), name) for name in SPECIAL_TOKEN_NAMES}
+        special = {name: content for name, content in contents.items() if content}
         if (path / "tokenizer.json").is_file():
             return _TokenizersTokenizer(path / "tokenizer.json", template, special)
         if (path / "tokenizer.model").is_file():
@@ -134,7 +145,7 @@ class _SentencePieceTokenizer(Tokenizer):
             if name not in special and sp_id >= 0:
                 special[name] = sp.id_to_piece(sp_id)
         # Added tokens by content, as AddedToken dicts plus their "id"; the named special tokens are added tokens too.
-        added = {t["content"]: {**t, "id": int(i)} for i, t in config.get("added_tokens_decoder", {}).items()}
+        added = {t["content"]: {**t, "id": int(i)} for i, t in _added_tokens(config, file.parent).items()}
         for token in special.values():
             if token not in added and self._piece_id(token) is not None:
                 added[token] = {"content": token, "id": self._piece_id(token), "special": True}
@@ -143,8 +154,8 @@ class _SentencePieceTokenizer(Tokenizer):
         longest_first = sorted(added.values(), key=lambda t: -len(t["content"]))
         self._split = re.compile("|".join(map(_added_token_pattern, longest_first))) if added else None
         self._split_ids = [t["id"] for t in longest_first]  # by regex group
-        self._add_bos = config.get("add_bos_token", True)
-        self._add_eos = config.get("add_eos_token", False)
+        self._add_bos, self._add_eos = (_flag(config, key, default, file.parent) for key, default in
+                                        (("add_bos_token", True), ("add_eos_token", False)))
         self.vocab_size = max(sp.get_piece_size(), max(self._added, default=-1) + 1)
         super().__init__(chat_template, special)
 
@@ -186,6 +197,25 @@ class _SentencePieceTokenizer(Tokenizer):
         if token_id in self._added:
             return self._added[token_id]["content"]
         return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() else None
+
+
+def _added_tokens(config: dict, folder: Path) -> dict:
+    """tokenizer_config.json's added_tokens_decoder: {"<id>": {"content": str, ...}}, checked."""
+    tokens = config.get("added_tokens_decoder") or {}
+    valid = isinstance(tokens, dict) and all(
+        i.isdigit() and isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"]
+        for i, t in tokens.items())
+    if not valid:
+        raise InferError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder must map token ids to objects "
+                         f"with a non-empty \"content\"")
+    return tokens
+
+
+def _flag(config: dict, key: str, default: bool, folder: Path) -> bool:
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise InferError(f"{folder / 'tokenizer_config.json'}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def _added_token_pattern(token: dict) -> str:

@@ -1,13 +1,12 @@
 """Load safetensors checkpoints (single file or sharded) tensor by tensor onto the target device and dtype."""
 
-import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json_object
 from .errors import InferError
 from .model import Transformer
 
@@ -15,13 +14,16 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:
-    """Map each tensor name of the checkpoint in `path` to the safetensors file that holds it."""
+    """Map each tensor name of the checkpoint in `path` to the safetensors file that holds it. A shard index may only
+    name files inside the folder (no absolute paths, no '..')."""
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise InferError(f"{index} is corrupt: {e}") from None
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InferError(f"{index} is corrupt: its weight_map must map tensor names to file names")
+        outside = [s for s in set(weight_map.values()) if not _inside(s)]
+        if outside:
+            raise InferError(f"{index} names {outside[0]!r}, a file outside the model folder: refused")
         files = {name: path / shard for name, shard in weight_map.items()}
         missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
         if missing:
@@ -37,12 +39,18 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         raise InferError(f"{single} is not a readable safetensors file ({e})") from None
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype, progress: bool = True) -> Transformer:
-    """Build the model on the meta device, then fill it one tensor at a time from the memory-mapped checkpoint."""
+def _inside(name: str) -> bool:
+    """Whether a file name from a model folder's own files stays inside the folder: a relative path without '..'.
+    (Symbolic links are followed as they are: a Hugging Face cache snapshot links its files into the cache's blobs.)"""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\\" not in name
+
+
+def load_model(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+               progress: bool = True) -> Transformer:
+    """Build the model of `cfg` (the folder's config) on the meta device, then fill it one tensor at a time from the
+    memory-mapped checkpoint."""
     path = Path(path)
-    if not path.is_dir():
-        raise InferError(f"model folder {path} does not exist")
-    cfg = ModelConfig.from_dir(path)
     files = checkpoint_files(path)
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pexpect
+import pyte
 import pytest
 
 DOC = b"The secret word is pineapple. The capital of Italy is Rome.\n"
@@ -53,12 +54,14 @@ def test_files_without_question_get_a_summary(smollm2, env, tmp_path):
     assert r.stdout.strip() and b"tok/s" in r.stderr
 
 
-def test_empty_stdin_is_one_line_error(smollm2, env):
-    r = chat(smollm2, "-p", "What?", stdin=b"", env=env)
+def test_empty_stdin_is_one_line_error_without_a_question(smollm2, env):
+    r = chat(smollm2, stdin=b"", env=env)  # no terminal to reopen either: nothing to do
     assert r.returncode != 0
     lines = r.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("infer: error:") and "stdin is empty" in lines[0]
     assert not r.stdout
+    r = chat(smollm2, "-p", "What is 2+2?", "--max-tokens", "4", stdin=b"", env=env)  # a question needs no document
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
 def test_document_longer_than_context_is_one_line_error(smollm2, env):
@@ -75,16 +78,65 @@ def at_prompt(child) -> None:
     time.sleep(0.3)
 
 
-def test_chat_turns_reuse_the_cached_document(smollm2):
-    from argparse import Namespace
+def answer_on_screen(output: str, question: str, columns: int, rows: int) -> list[str]:
+    """The non-empty lines a terminal shows between the question's line and the stats line, after `output`."""
+    screen = pyte.Screen(columns, rows)
+    pyte.Stream(screen).feed(output)
+    lines = [line.rstrip() for line in screen.display]
+    start = max(i for i, line in enumerate(lines) if question in line)
+    end = next(i for i in range(start, rows) if lines[i].startswith("prompt "))
+    return [line for line in lines[start + 1:end] if line]
 
+
+def test_piped_document_then_questions_from_the_terminal(smollm2, env, tmp_path):
+    """`cat doc | infer chat MODEL` in a terminal: the document comes through the pipe, the questions from the
+    controlling terminal (/dev/tty, here the pty), which the chat reopens."""
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes(b"The secret word is pineapple. The meeting is on Tuesday in room 42.\n")
+    command = f"cat {doc} | {sys.executable} -m infer.cli.main chat {smollm2} --temperature 0 --max-tokens 24"
+    child = pexpect.spawn("bash", ["-c", command], env=env, cwd=str(tmp_path), timeout=120, encoding="utf-8",
+                          dimensions=(40, 200))
+    try:
+        child.expect_exact("document loaded")
+        at_prompt(child)
+        child.send("Which room is the meeting in?\r")
+        child.expect_exact("meeting in?")  # the echo of the question
+        child.expect_exact("42")
+        child.expect_exact("tok/s")
+        at_prompt(child)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(smollm2):
+    from infer.cli.chat import Chat
+    from infer.engine.generate import Engine
+
+    engine = Engine(smollm2, device="cpu", progress=False, max_context=130)
+    chat = Chat(engine, dict(max_tokens=40, temperature=0.0), system="Be brief.",
+                document="The secret word is pineapple.")
+    out = io.StringIO()
+    questions = ["What is the secret word?", "Name a colour.", "Name an animal.", "Name a city.", "And a river?"]
+    for q in questions:
+        chat.turn(q, out)
+        assert engine.stats.generated_tokens > 0
+    roles = [m["role"] for m in chat.messages]
+    assert roles[0] == "system" and roles[1:] == ["user", "assistant"] * (len(roles) // 2)
+    assert len(roles) < 1 + 2 * len(questions)  # turns were dropped ...
+    first = chat.messages[1]["content"]
+    assert first.startswith("The secret word is pineapple.") and first != "The secret word is pineapple.\n\n" + questions[0]
+    assert chat.messages[-2]["content"] == questions[-1]  # ... but not the document, nor the newest question
+
+
+def test_chat_turns_reuse_the_cached_document(smollm2):
     from infer.cli.chat import Chat
     from infer.engine.generate import Engine
 
     engine = Engine(smollm2, device="cpu", progress=False)
-    args = Namespace(max_tokens=8, temperature=0.0, top_p=None, top_k=None, min_p=None, repetition_penalty=None,
-                     seed=None, stop=None, stats_json=None)
-    chat = Chat(engine, args, system=None)
+    chat = Chat(engine, dict(max_tokens=8, temperature=0.0))
     out = io.StringIO()
     chat.turn(DOC.decode() * 20 + "\nWhat is the secret word?", out)
     document_tokens = engine.stats.prompt_tokens
@@ -108,12 +160,16 @@ def test_interactive_session(smollm2, env, tmp_path):
         child.expect_exact("partial answer stays")
         at_prompt(child)
         # a long answer, stopped with Ctrl-C once it streams: back at the prompt with the conversation intact
+        child.logfile_read = screen_log = io.StringIO()
         child.send("Write a very long story about a dragon who learns to cook.\r")
         child.expect_exact("learns to cook.")  # the echo of the question
         child.expect(r"\n[^>]*[A-Za-z]{3,} [A-Za-z]{2,} [A-Za-z]{2,}")  # some words of the answer
         child.sendintr()
         child.expect_exact("interrupted")
         at_prompt(child)
+        child.logfile_read = None
+        answer = answer_on_screen(screen_log.getvalue(), "learns to cook.", 200, 40)
+        assert answer and not any(b.startswith(a) for i, a in enumerate(answer) for b in answer[i + 1:]), answer
         child.send("/stats\r")
         child.expect_exact("1 turns;")  # the interrupted turn is kept with its partial answer
         at_prompt(child)

@@ -76,7 +76,7 @@ def tiny(qwen, tmp_path_factory):
 
 def test_cli_eval_json(tiny):
     result = infer("eval", str(tiny), "--device", "cpu", "--lengths", "300,500", "--depths", "0.1,0.9",
-                   "--nll-tokens", "400", "--sparse", "auto", "--dense-len", "128", "--topk", "3", "--window", "64",
+                   "--nll-tokens", "400", "--sparse", "auto", "--dense-len", "128", "--sparse-topk", "3", "--window", "64",
                    "--answer-tokens", "4", "--json")
     assert result.returncode == 0, result.stderr.decode()
     out = json.loads(result.stdout)
@@ -96,7 +96,7 @@ def test_cli_eval_json(tiny):
 
 def test_cli_eval_table(tiny):
     result = infer("eval", str(tiny), "--device", "cpu", "--lengths", "200", "--depths", "0.5", "--nll-tokens", "300",
-                   "--topk", "2", "--window", "32", "--dense-len", "64", "--answer-tokens", "3")
+                   "--sparse-topk", "2", "--window", "32", "--dense-len", "64", "--answer-tokens", "3")
     assert result.returncode == 0, result.stderr.decode()
     out = result.stdout.decode()
     assert "passkey retrieval" in out and "dense answer" in out and "equal answers" in out
