@@ -1,4 +1,4 @@
-"""GGUF (GGML) weight blocks: the supported types and their exact dequantization in torch.
+"""GGUF (GGML) weight blocks: the supported types, exact dequantization in torch, and Triton block decoders.
 
 A 2-D weight of N rows of K elements stays in the file's own layout: uint8 [N, K // block_elems * block_bytes],
 each row its blocks back to back (GGUF stores rows contiguously, so a tensor's raw bytes reshape to this). F32,
@@ -9,11 +9,24 @@ the same float32 operations in the same order. Every product in these formats is
 23 significant bits (11 of an fp16 scale, at most 12 of an integer sub-scale and quant together) and is never
 subnormal (the smallest fp16 is 2^-24). So the only rounding is the final add of the offset types (Q4_1, Q5_1,
 Q4_K, Q5_K), and contracting that multiply-add into an FMA, as GPU compilers do, cannot change the result.
+
+Triton: `decode_<type>(w_ptr, row_off, block, row_mask, NB)` decodes NB consecutive blocks of BLOCK_N rows in
+registers, for other kernels to build on (a GEMV multiplies the values by x loaded at `cols`, `dequantize` stores
+them at `cols`). Each one loads a row's quant bytes of a block as contiguous runs (vectorizable: a Q4_K block's
+128 quant bytes start 16-byte aligned), its fp16 scales as single gathered loads, Q4_K/Q5_K's packed sub-scales
+as three 32-bit words decoded four at a time, and returns the values in the order the bytes hold them (a byte's
+low and high nibbles side by side, not 16, 32 or 64 elements apart as in the row).
+
+Under the CPU interpreter `dequantize` equals `reference` bit for bit in float32 on every type (tests/test_quant.py);
+by the argument above a GPU build should too (not measured here). bf16/fp16 output is the float32 value rounded
+once (to nearest even on GPUs; the interpreter truncates to bf16).
 """
 
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from infer.engine.errors import InferError
 
@@ -190,3 +203,253 @@ def reference(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32)
     blocks = rows.reshape(N, K // qt.block_elems, qt.block_bytes)  # [N, n_blocks, block_bytes]
     out = _REFERENCES[qt.name](blocks).reshape(N, K).to(out_dtype)  # [N, K]
     return out.reshape(data.shape[:-1] + (K,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton decoders. Each takes w_ptr (uint8), row_off [BLOCK_N] int64 byte offsets of the rows, block (the first
+# block index decoded, the same for every row), row_mask [BLOCK_N] and NB (constexpr, a power of two: blocks per
+# call) and returns values fp32 [BLOCK_N, NB * block_elems] and cols int32 [NB * block_elems], each value's
+# element index relative to block * block_elems. Blocks block .. block + NB - 1 must lie in the row (a caller
+# whose row length is no multiple of NB blocks walks the rest with NB=1). Masked rows decode to zeros.
+
+
+@triton.jit
+def _load(base, offsets, mask, dtype: tl.constexpr):
+    """dtype values at byte offsets from base (uint8 pointers), read little-endian; 0 where mask is false."""
+    return tl.load((base + offsets).to(tl.pointer_type(dtype)), mask=mask, other=0)
+
+
+@triton.jit
+def _flat(values, cols, ELEMS: tl.constexpr):
+    """[BLOCK_N, NB, ...] values and [1, NB, ...] cols -> [BLOCK_N, ELEMS] and [ELEMS]."""
+    return tl.reshape(values, [values.shape[0], ELEMS]), tl.reshape(cols, [ELEMS])
+
+
+@triton.jit
+def _plain(w_ptr, row_off, block, row_mask, NB: tl.constexpr, DTYPE: tl.constexpr, SIZE: tl.constexpr):
+    """F32/F16/BF16: NB consecutive elements (widening to float32 is exact)."""
+    j = tl.arange(0, NB)  # [NB]
+    values = _load(w_ptr + row_off[:, None], (block + j[None, :]) * SIZE, row_mask[:, None], DTYPE)  # [BLOCK_N, NB]
+    return values.to(tl.float32), j
+
+
+@triton.jit
+def decode_f32(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    return _plain(w_ptr, row_off, block, row_mask, NB, tl.float32, 4)
+
+
+@triton.jit
+def decode_f16(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    return _plain(w_ptr, row_off, block, row_mask, NB, tl.float16, 2)
+
+
+@triton.jit
+def decode_bf16(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    return _plain(w_ptr, row_off, block, row_mask, NB, tl.bfloat16, 2)
+
+
+@triton.jit
+def _blocks32(w_ptr, row_off, block, row_mask, NB: tl.constexpr, BYTES: tl.constexpr):
+    """For the 32-element types: the blocks' base pointers [BLOCK_N, NB, 1], row mask [BLOCK_N, 1, 1], byte index
+    i [1, 1, 16] of the 16 quant bytes and the element index of each one's low nibble [1, NB, 16]."""
+    j = tl.arange(0, NB)[None, :, None]  # [1, NB, 1]
+    i = tl.arange(0, 16)[None, None, :]  # [1, 1, 16]
+    base = w_ptr + row_off[:, None, None] + (block + j) * BYTES  # [BLOCK_N, NB, 1]
+    return base, row_mask[:, None, None], i, j * 32 + i
+
+
+@triton.jit
+def decode_q8_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | qs int8[32] @2: element i = qs[i] * d
+    j = tl.arange(0, NB)[None, :, None]  # [1, NB, 1]
+    i = tl.arange(0, 32)[None, None, :]  # [1, 1, 32]
+    base = w_ptr + row_off[:, None, None] + (block + j) * 34  # [BLOCK_N, NB, 1]
+    mask = row_mask[:, None, None]
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    q = _load(base, 2 + i, mask, tl.int8).to(tl.float32)  # [BLOCK_N, NB, 32]
+    return _flat(q * d, j * 32 + i, NB * 32)
+
+
+@triton.jit
+def decode_q4_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | qs[16] @2: byte i holds elements i (low nibble) and 16 + i (high nibble); d * (q - 8)
+    base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 18)
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    qs = _load(base, 2 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
+    q = tl.interleave((qs & 15) - 8, (qs >> 4) - 8)  # [BLOCK_N, NB, 32]
+    return _flat(d * q.to(tl.float32), tl.interleave(col, col + 16), NB * 32)
+
+
+@triton.jit
+def decode_q4_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | m fp16 @2 | qs[16] @4 (as Q4_0): d * q + m
+    base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 20)
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    m = _load(base, 2, mask, tl.float16).to(tl.float32)
+    qs = _load(base, 4 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
+    q = tl.interleave(qs & 15, qs >> 4)  # [BLOCK_N, NB, 32]
+    return _flat(d * q.to(tl.float32) + m, tl.interleave(col, col + 16), NB * 32)
+
+
+@triton.jit
+def decode_q5_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | qh u32 @2: bit i is bit 4 of element i | qs[16] @6 (as Q4_0): d * (q - 16).
+    # qh is only 2-byte aligned: read as two u16, the top bits of elements 0-15 and of elements 16-31.
+    base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 22)
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    qh_low = _load(base, 2, mask, tl.uint16).to(tl.int32)  # [BLOCK_N, NB, 1]
+    qh_high = _load(base, 4, mask, tl.uint16).to(tl.int32)
+    qs = _load(base, 6 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
+    q = tl.interleave((qs & 15) | (((qh_low >> i) & 1) << 4), (qs >> 4) | (((qh_high >> i) & 1) << 4))
+    return _flat(d * (q - 16).to(tl.float32), tl.interleave(col, col + 16), NB * 32)
+
+
+@triton.jit
+def decode_q5_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | m fp16 @2 | qh u32 @4 | qs[16] @8 (as Q5_0): d * q + m.
+    # qh is read as an int32: the arithmetic shift's sign bits never reach the bit kept by & 1.
+    base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 24)
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    m = _load(base, 2, mask, tl.float16).to(tl.float32)
+    qh = _load(base, 4, mask, tl.int32)  # [BLOCK_N, NB, 1]
+    qs = _load(base, 8 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
+    q = tl.interleave((qs & 15) | (((qh >> i) & 1) << 4), (qs >> 4) | (((qh >> (i + 16)) & 1) << 4))
+    return _flat(d * q.to(tl.float32) + m, tl.interleave(col, col + 16), NB * 32)
+
+
+@triton.jit
+def _blocks256(w_ptr, row_off, block, row_mask, NB: tl.constexpr, BYTES: tl.constexpr):
+    """For Q4_K/Q5_K: the blocks' base pointers [BLOCK_N, NB, 1, 1], row mask [BLOCK_N, 1, 1, 1], group g
+    [1, 1, 4, 1] and byte i [1, 1, 1, 32] of the 4 groups of 32 quant bytes, each group's pair of (d * scale,
+    dmin * min) of its low-nibble sub-block 2g and high-nibble sub-block 2g + 1 [BLOCK_N, NB, 4, 1], and the
+    element index of each byte's low nibble, 64g + i [1, NB, 4, 32]."""
+    j = tl.arange(0, NB)[None, :, None, None]  # [1, NB, 1, 1]
+    g = tl.arange(0, 4)[None, None, :, None]  # [1, 1, 4, 1]
+    i = tl.arange(0, 32)[None, None, None, :]  # [1, 1, 1, 32]
+    base = w_ptr + row_off[:, None, None, None] + (block + j) * BYTES  # [BLOCK_N, NB, 1, 1]
+    mask = row_mask[:, None, None, None]
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1, 1]
+    dmin = _load(base, 2, mask, tl.float16).to(tl.float32)
+    # The 12 scale bytes as three words (4-byte aligned: blocks of 144 and 176 bytes), decoded 4 bytes at a time
+    # as _k_scales does one by one. The shifts are arithmetic (int32): every mask clears the sign bits they bring.
+    s = _load(base, 4, mask, tl.int32)  # [BLOCK_N, NB, 1, 1]: scales 0-3, low 6 bits
+    m = _load(base, 8, mask, tl.int32)  # mins 0-3, low 6 bits
+    low = _load(base, 12, mask, tl.int32)  # low 4 bits of scales 4-7 (low nibbles), mins 4-7 (high nibbles)
+    scales = tl.where(g < 2, s & 0x3F3F3F3F, (low & 0x0F0F0F0F) | ((s >> 2) & 0x30303030))  # [BLOCK_N, NB, 4, 1]
+    mins = tl.where(g < 2, m & 0x3F3F3F3F, ((low >> 4) & 0x0F0F0F0F) | ((m >> 2) & 0x30303030))
+    shift = 16 * (g % 2)  # sub-block 2g is byte 2g % 4 of its word, 2g + 1 the byte after it
+    d_low = d * ((scales >> shift) & 0xFF).to(tl.float32)
+    d_high = d * ((scales >> (shift + 8)) & 0xFF).to(tl.float32)
+    m_low = dmin * ((mins >> shift) & 0xFF).to(tl.float32)
+    m_high = dmin * ((mins >> (shift + 8)) & 0xFF).to(tl.float32)
+    return base, mask, g, i, d_low, m_low, d_high, m_high, j * 256 + g * 64 + i
+
+
+@triton.jit
+def decode_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | dmin fp16 @2 | 8 six-bit (scale, min) pairs @4 (see _k_scales) | qs[128] @16: byte 32g + i holds
+    # elements 64g + i (low nibble, sub-block 2g) and 64g + 32 + i (high nibble, sub-block 2g + 1);
+    # element = (d * scale) * q - dmin * min
+    base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, 144)
+    qs = _load(base, 16 + g * 32 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
+    values = tl.interleave(d_low * (qs & 15).to(tl.float32) - m_low, d_high * (qs >> 4).to(tl.float32) - m_high)
+    return _flat(values, tl.interleave(col, col + 32), NB * 256)
+
+
+@triton.jit
+def decode_q5_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # as Q4_K, with qh[32] @16: bit k of byte i is bit 4 of element 32k + i, so bits 2g and 2g + 1 of byte i
+    # belong to qs byte 32g + i's low and high nibble | qs[128] @48
+    base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, 176)
+    qh = _load(base, 16 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 1, 32]
+    qs = _load(base, 48 + g * 32 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
+    q_low = (qs & 15) | (((qh >> (2 * g)) & 1) << 4)
+    q_high = (qs >> 4) | (((qh >> (2 * g + 1)) & 1) << 4)
+    values = tl.interleave(d_low * q_low.to(tl.float32) - m_low, d_high * q_high.to(tl.float32) - m_high)
+    return _flat(values, tl.interleave(col, col + 32), NB * 256)
+
+
+@triton.jit
+def decode_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # ql[128] @0 | qh[64] @128 | scales int8[16] @192 | d fp16 @208 (see _ref_q6_k). ql is read as 8 runs u of 16
+    # bytes, u = 4h + 2k + t: byte 16u + i holds elements e = 128h + 32k + 16t + i (low nibble) and e + 64 (high
+    # nibble), whose top 2 bits are bits 2k (and 2k + 4) of qh byte 32h + 16t + i (each qh run is read twice, for
+    # k = 0 and 1), and whose scales are scales[e // 16] = scales[8h + 2k + t] (and scales[8h + 4 + 2k + t]).
+    j = tl.arange(0, NB)[None, :, None, None]  # [1, NB, 1, 1]
+    u = tl.arange(0, 8)[None, None, :, None]  # [1, 1, 8, 1]
+    i = tl.arange(0, 16)[None, None, None, :]  # [1, 1, 1, 16]
+    h, k, t = u // 4, (u // 2) % 2, u % 2
+    base = w_ptr + row_off[:, None, None, None] + (block + j) * 210  # [BLOCK_N, NB, 1, 1]
+    mask = row_mask[:, None, None, None]
+    d = _load(base, 208, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1, 1]
+    d_low = d * _load(base, 192 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)  # [BLOCK_N, NB, 8, 1]
+    d_high = d * _load(base, 196 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)
+    ql = _load(base, 16 * u + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 8, 16]
+    qh = _load(base, 128 + 32 * h + 16 * t + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 8, 16]
+    q_low = ((ql & 15) | (((qh >> (2 * k)) & 3) << 4)) - 32
+    q_high = ((ql >> 4) | (((qh >> (2 * k + 4)) & 3) << 4)) - 32
+    col = j * 256 + 128 * h + 32 * k + 16 * t + i  # [1, NB, 8, 16]
+    values = tl.interleave(d_low * q_low.to(tl.float32), d_high * q_high.to(tl.float32))
+    return _flat(values, tl.interleave(col, col + 64), NB * 256)
+
+
+@triton.jit
+def decode(w_ptr, row_off, block, row_mask, QTYPE: tl.constexpr, NB: tl.constexpr):
+    """decode_<QTYPE>, QTYPE a QuantType's name."""
+    if QTYPE == "F32":
+        return decode_f32(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "F16":
+        return decode_f16(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "BF16":
+        return decode_bf16(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q8_0":
+        return decode_q8_0(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q4_0":
+        return decode_q4_0(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q4_1":
+        return decode_q4_1(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q5_0":
+        return decode_q5_0(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q5_1":
+        return decode_q5_1(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q4_K":
+        return decode_q4_k(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q5_K":
+        return decode_q5_k(w_ptr, row_off, block, row_mask, NB)
+    else:
+        tl.static_assert(QTYPE == "Q6_K")
+        return decode_q6_k(w_ptr, row_off, block, row_mask, NB)
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, rows_ptr, out_ptr, N, row_bytes, K, QTYPE: tl.constexpr,
+                       BLOCK_ELEMS: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output rows
+    row_mask = rows < N
+    src = rows  # [BLOCK_N] weight rows
+    if GATHER:
+        src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
+    block = tl.program_id(1) * NB
+    values, cols = decode(w_ptr, src.to(tl.int64) * row_bytes, block, row_mask, QTYPE, NB)  # [BLOCK_N, E], [E]
+    out = out_ptr + rows.to(tl.int64)[:, None] * K + block * BLOCK_ELEMS + cols[None, :]
+    tl.store(out, values.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def dequantize(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None,
+               block_n: int = 4, tile_elems: int = 1024) -> torch.Tensor:
+    """`reference` of data uint8 [N, row_bytes] (contiguous), or of its rows `rows` (int64 [R], for embedding
+    lookups) -> [N or R, K] out_dtype. A program decodes block_n rows of up to tile_elems elements: the most
+    blocks, a power of two, that divide the row and fit."""
+    qt = quant_type(qtype)
+    assert data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
+    assert rows is None or (rows.dtype == torch.int64 and rows.dim() == 1)
+    N, row_bytes = data.shape
+    K = qt.row_elems(row_bytes)
+    n_blocks = K // qt.block_elems
+    nb = min(n_blocks & -n_blocks, max(1, tile_elems // qt.block_elems))  # lowest set bit: largest 2^i dividing it
+    n_out = N if rows is None else rows.numel()
+    out = torch.empty(n_out, K, dtype=out_dtype, device=data.device)  # [n_out, K]
+    grid = (triton.cdiv(n_out, block_n), n_blocks // nb)
+    _dequantize_kernel[grid](data, data if rows is None else rows, out, n_out, row_bytes, K, QTYPE=qt.name,
+                             BLOCK_ELEMS=qt.block_elems, GATHER=rows is not None, BLOCK_N=block_n, NB=nb)
+    return out

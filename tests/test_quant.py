@@ -1,3 +1,7 @@
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
+
 import gguf
 import numpy as np
 import pytest
@@ -92,9 +96,12 @@ def test_demo_files_hold_the_types_tested_on_them(demo_readers, model):
 
 @pytest.mark.parametrize("model, name", [(m, n) for m, names in DEMO_TYPES.items() for n in sorted(names)])
 def test_demo_blocks(demo_readers, model, name):
-    """Real blocks: reference == gguf-py bit for bit."""
+    """Real blocks: reference == gguf-py bit for bit, and the Triton dequantize == reference."""
     data = demo_rows(demo_readers[model], name)
-    assert same_bits(quant.reference(data, name), gguf_dequantize(data, name))
+    ref = quant.reference(data, name)
+    assert same_bits(ref, gguf_dequantize(data, name))
+    rows = data.reshape(-1, data.shape[-1])
+    assert same_bits(quant.dequantize(rows, name), ref.reshape(rows.shape[0], -1))
 
 
 @pytest.mark.parametrize("name", QUANTIZABLE)
@@ -108,6 +115,26 @@ def test_reference_on_random_blocks(name):
     data = random_blocks(name, n_rows=6, n_blocks=5, seed=1)
     assert same_bits(quant.reference(data, name), gguf_dequantize(data, name))
     assert same_bits(quant.reference(data[3], name), gguf_dequantize(data[3], name))  # one row, 1-D
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # fp16 output: values past 65504 become inf
+@pytest.mark.parametrize("name", quant.QUANT_TYPES)
+@pytest.mark.parametrize("n_blocks", [3, 6, 8])  # 1, 2 and 4 blocks per step
+def test_dequantize_equals_reference(name, n_blocks):
+    """7 rows in tiles of 4 (the last one ragged): fp32 bit for bit; fp16 equal to the reference's rounding, bf16
+    within one rounding of it (the interpreter truncates to bf16 where torch and GPUs round to nearest even)."""
+    qt = quant.quant_type(name)
+    data = random_blocks(name, n_rows=7, n_blocks=n_blocks, seed=n_blocks)
+    tile = 4 * qt.block_elems
+    ref = quant.reference(data, name)
+    assert same_bits(quant.dequantize(data, name, block_n=4, tile_elems=tile), ref)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = quant.dequantize(data, name, dtype, block_n=4, tile_elems=tile)
+        want = quant.reference(data, name, dtype)
+        assert got.dtype == dtype and (dtype == torch.bfloat16 or torch.equal(got, want))
+        torch.testing.assert_close(got, want, rtol=torch.finfo(dtype).eps, atol=0)
+    rows = torch.tensor([6, 0, 3, 3, 5])
+    assert same_bits(quant.dequantize(data, name, rows=rows, block_n=4, tile_elems=tile), ref[rows])
 
 
 def test_unsupported_types():
