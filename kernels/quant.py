@@ -1,0 +1,455 @@
+"""GGUF (GGML) weight blocks: the supported types, exact dequantization in torch, and Triton block decoders.
+
+A 2-D weight of N rows of K elements stays in the file's own layout: uint8 [N, K // block_elems * block_bytes],
+each row its blocks back to back (GGUF stores rows contiguously, so a tensor's raw bytes reshape to this). F32,
+F16 and BF16 are "blocks" of one element, so every weight goes through the same path.
+
+Semantics (`reference`): the float32 values gguf-py's `gguf.quants.dequantize` gives, bit for bit, computed with
+the same float32 operations in the same order. Every product in these formats is exact in float32: it has at most
+23 significant bits (11 of an fp16 scale, at most 12 of an integer sub-scale and quant together) and is never
+subnormal (the smallest fp16 is 2^-24). So the only rounding is the final add of the offset types (Q4_1, Q5_1,
+Q4_K, Q5_K), and contracting that multiply-add into an FMA, as GPU compilers do, cannot change the result.
+
+Triton: `decode_<type>(w_ptr, row_off, block, row_mask, NB)` decodes NB consecutive blocks of BLOCK_N rows in
+registers, for other kernels to build on (a GEMV multiplies the values by x loaded at `cols`, `dequantize` stores
+them at `cols`). Each one loads a row's quant bytes of a block as contiguous runs (vectorizable: a Q4_K block's
+128 quant bytes start 16-byte aligned), its fp16 scales as single gathered loads, Q4_K/Q5_K's packed sub-scales
+as three 32-bit words decoded four at a time, and returns the values in the order the bytes hold them (a byte's
+low and high nibbles side by side, not 16, 32 or 64 elements apart as in the row).
+
+Under the CPU interpreter `dequantize` equals `reference` bit for bit in float32 on every type (tests/test_quant.py);
+by the argument above a GPU build should too (not measured here). bf16/fp16 output is the float32 value rounded
+once (to nearest even on GPUs; the interpreter truncates to bf16).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from infer.engine.errors import InferError
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """A GGML tensor type: each row is a run of blocks of block_bytes bytes, each holding block_elems values."""
+
+    name: str
+    code: int  # the ggml_type number a GGUF tensor info stores
+    block_elems: int
+    block_bytes: int
+
+    def row_elems(self, row_bytes: int) -> int:
+        """K, the elements of a row of row_bytes bytes."""
+        if row_bytes % self.block_bytes:
+            raise InferError(f"a row of {row_bytes} bytes is not a whole number of {self.name} blocks "
+                             f"({self.block_bytes} bytes each)")
+        return row_bytes // self.block_bytes * self.block_elems
+
+
+QUANT_TYPES = {t.name: t for t in (
+    QuantType("F32", 0, 1, 4),
+    QuantType("F16", 1, 1, 2),
+    QuantType("BF16", 30, 1, 2),
+    QuantType("Q8_0", 8, 32, 34),
+    QuantType("Q4_0", 2, 32, 18),
+    QuantType("Q4_1", 3, 32, 20),
+    QuantType("Q5_0", 6, 32, 22),
+    QuantType("Q5_1", 7, 32, 24),
+    QuantType("Q4_K", 12, 256, 144),
+    QuantType("Q5_K", 13, 256, 176),
+    QuantType("Q6_K", 14, 256, 210),
+)}
+_BY_CODE = {t.code: t for t in QUANT_TYPES.values()}
+
+
+def quant_type(code_or_name) -> QuantType:
+    """The QuantType of a GGML type code (an int, or gguf's GGMLQuantizationType) or name such as "Q4_K"."""
+    if isinstance(code_or_name, QuantType):
+        return code_or_name
+    found = QUANT_TYPES.get(code_or_name) if isinstance(code_or_name, str) else _BY_CODE.get(int(code_or_name))
+    if found is None:
+        name = getattr(code_or_name, "name", code_or_name)  # gguf's GGMLQuantizationType carries its name
+        raise InferError(f"unsupported GGUF tensor type {name}; supported: {', '.join(QUANT_TYPES)}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch reference: blocks [N, n_blocks, block_bytes] uint8 -> [N, n_blocks, ...] float32 in element order
+
+
+def _field(blocks: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes [start, stop) of every block, read as little-endian dtype: [N, n_blocks, (stop - start) / size]."""
+    return blocks[..., start:stop].contiguous().view(dtype)
+
+
+def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 at byte `at` of every block, as float32: [N, n_blocks, 1]."""
+    return _field(blocks, at, at + 2, torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., n] bytes -> [..., 2n]: the n low nibbles, then the n high nibbles."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _bits(qh: torch.Tensor) -> torch.Tensor:
+    """[..., n] bytes -> [..., 8n] 0/1: bit b of byte i at 8i + b (bit j of a little-endian word at j)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    return ((qh[..., None] >> shifts) & 1).flatten(-2)
+
+
+def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit (scale, min) pairs of a Q4_K/Q5_K block, from its 12 bytes at 4..15, as uint8 [N, n_blocks, 8].
+
+    Bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; bytes 8-11 hold the low 4 bits of scales
+    4-7 (low nibble) and mins 4-7 (high nibble), whose top 2 bits are the top bits of bytes 0-3 (scales) and 4-7
+    (mins).
+    """
+    packed = blocks[..., 4:16].unflatten(-1, (3, 4))  # [N, n_blocks, 3, 4]
+    s, m, low = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
+    scales = torch.cat([s & 0x3F, (low & 0x0F) | ((s >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([m & 0x3F, (low >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return scales, mins
+
+
+def _ref_f32(blocks):
+    return _field(blocks, 0, 4, torch.float32)
+
+
+def _ref_f16(blocks):
+    return _field(blocks, 0, 2, torch.float16).float()
+
+
+def _ref_bf16(blocks):
+    return _field(blocks, 0, 2, torch.bfloat16).float()
+
+
+def _ref_q8_0(blocks):  # d fp16 @0 | qs int8[32] @2: element i = qs[i] * d
+    return _field(blocks, 2, 34, torch.int8).float() * _f16(blocks, 0)
+
+
+def _ref_q4_0(blocks):  # d fp16 @0 | qs[16] @2: byte i holds elements i (low nibble) and 16 + i; d * (q - 8)
+    q = _nibbles(blocks[..., 2:18]).to(torch.int8) - 8
+    return _f16(blocks, 0) * q.float()
+
+
+def _ref_q4_1(blocks):  # d fp16 @0 | m fp16 @2 | qs[16] @4 (as Q4_0): d * q + m
+    return _f16(blocks, 0) * _nibbles(blocks[..., 4:20]).float() + _f16(blocks, 2)
+
+
+def _ref_q5_0(blocks):  # d fp16 @0 | qh u32 @2: bit i is bit 4 of element i | qs[16] @6 (as Q4_0): d * (q - 16)
+    q = (_nibbles(blocks[..., 6:22]) | (_bits(blocks[..., 2:6]) << 4)).to(torch.int8) - 16
+    return _f16(blocks, 0) * q.float()
+
+
+def _ref_q5_1(blocks):  # d fp16 @0 | m fp16 @2 | qh u32 @4 | qs[16] @8 (as Q5_0): d * q + m
+    q = _nibbles(blocks[..., 8:24]) | (_bits(blocks[..., 4:8]) << 4)
+    return _f16(blocks, 0) * q.float() + _f16(blocks, 2)
+
+
+def _ref_k_quant(blocks, q):
+    """Q4_K/Q5_K: d fp16 @0, dmin fp16 @2, (scale, min) pairs @4; q [N, n_blocks, 8, 32] the quants of the 8
+    sub-blocks of 32 elements: element = (d * scale) * q - dmin * min."""
+    scales, mins = _k_scales(blocks)
+    d = (_f16(blocks, 0) * scales.float())[..., None]  # [N, n_blocks, 8, 1]
+    dm = (_f16(blocks, 2) * mins.float())[..., None]
+    return d * q.float() - dm
+
+
+def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """Q4_K/Q5_K quant bytes [N, n_blocks, 128] -> [N, n_blocks, 8, 32]: byte 32g + i holds elements 64g + i (low
+    nibble, sub-block 2g) and 64g + 32 + i (high nibble, sub-block 2g + 1)."""
+    return _nibbles(qs.unflatten(-1, (4, 32))).unflatten(-1, (2, 32)).flatten(-3, -2)
+
+
+def _ref_q4_k(blocks):  # d, dmin, scales (see _ref_k_quant) | qs[128] @16 (see _k_nibbles)
+    return _ref_k_quant(blocks, _k_nibbles(blocks[..., 16:144]))
+
+
+def _ref_q5_k(blocks):  # as Q4_K, with qh[32] @16: bit k of byte i is bit 4 of element 32k + i | qs[128] @48
+    low = _k_nibbles(blocks[..., 48:176])
+    shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device)[:, None]  # [8, 1]
+    high = (blocks[..., None, 16:48] >> shifts) & 1  # [N, n_blocks, 8, 32]
+    return _ref_k_quant(blocks, low | (high << 4))
+
+
+def _ref_q6_k(blocks):
+    """ql[128] @0 | qh[64] @128 | scales int8[16] @192 | d fp16 @208, in two halves h of 128 elements:
+    ql byte 64h + i holds the low 4 bits of elements 128h + i (low nibble) and 128h + 64 + i (high nibble);
+    qh byte 32h + i holds the top 2 bits of elements 128h + 32k + i in its bits 2k, 2k + 1;
+    element e = (d * scales[e // 16]) * (q - 32)."""
+    low = _nibbles(blocks[..., 0:128].unflatten(-1, (2, 64))).flatten(-2)  # [N, n_blocks, 256]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device)[:, None]  # [4, 1]
+    high = ((blocks[..., 128:192].unflatten(-1, (2, 1, 32)) >> shifts) & 3).flatten(-3)  # [N, n_blocks, 256]
+    q = ((low | (high << 4)).to(torch.int8) - 32).unflatten(-1, (16, 16))  # [N, n_blocks, 16, 16]
+    d = (_f16(blocks, 208) * _field(blocks, 192, 208, torch.int8).float())[..., None]  # [N, n_blocks, 16, 1]
+    return d * q.float()
+
+
+_REFERENCES = {
+    "F32": _ref_f32, "F16": _ref_f16, "BF16": _ref_bf16, "Q8_0": _ref_q8_0, "Q4_0": _ref_q4_0, "Q4_1": _ref_q4_1,
+    "Q5_0": _ref_q5_0, "Q5_1": _ref_q5_1, "Q4_K": _ref_q4_k, "Q5_K": _ref_q5_k, "Q6_K": _ref_q6_k,
+}
+
+
+def reference(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """data uint8 [N, row_bytes] (or [row_bytes]) of qtype (a code, name or QuantType) -> [N, K] (or [K])."""
+    qt = quant_type(qtype)
+    assert data.dtype == torch.uint8
+    rows = data.reshape(-1, data.shape[-1])  # [N, row_bytes]
+    N, K = rows.shape[0], qt.row_elems(rows.shape[1])
+    blocks = rows.reshape(N, K // qt.block_elems, qt.block_bytes)  # [N, n_blocks, block_bytes]
+    out = _REFERENCES[qt.name](blocks).reshape(N, K).to(out_dtype)  # [N, K]
+    return out.reshape(data.shape[:-1] + (K,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton decoders. Each takes w_ptr (uint8), row_off [BLOCK_N] int64 byte offsets of the rows, block (the first
+# block index decoded, the same for every row), row_mask [BLOCK_N] and NB (constexpr, a power of two: blocks per
+# call) and returns values fp32 [BLOCK_N, NB * block_elems] and cols int32 [NB * block_elems], each value's
+# element index relative to block * block_elems. Blocks block .. block + NB - 1 must lie in the row (a caller
+# whose row length is no multiple of NB blocks walks the rest with NB=1). Masked rows decode to zeros.
+
+
+@triton.jit
+def _load(base, offsets, mask, dtype: tl.constexpr):
+    """dtype values at byte offsets from base (uint8 pointers), read little-endian; 0 where mask is false."""
+    return tl.load((base + offsets).to(tl.pointer_type(dtype)), mask=mask, other=0)
+
+
+@triton.jit
+def _flat(values, cols, ELEMS: tl.constexpr):
+    """[BLOCK_N, NB, ...] values and [1, NB, ...] cols -> [BLOCK_N, ELEMS] and [ELEMS]."""
+    return tl.reshape(values, [values.shape[0], ELEMS]), tl.reshape(cols, [ELEMS])
+
+
+@triton.jit
+def _plain(w_ptr, row_off, block, row_mask, NB: tl.constexpr, DTYPE: tl.constexpr, SIZE: tl.constexpr):
+    """F32/F16/BF16: NB consecutive elements (widening to float32 is exact)."""
+    j = tl.arange(0, NB)  # [NB]
+    values = _load(w_ptr + row_off[:, None], (block + j[None, :]) * SIZE, row_mask[:, None], DTYPE)  # [BLOCK_N, NB]
+    return values.to(tl.float32), j
+
+
+@triton.jit
+def decode_f32(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    return _plain(w_ptr, row_off, block, row_mask, NB, tl.float32, 4)
+
+
+@triton.jit
+def decode_f16(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    return _plain(w_ptr, row_off, block, row_mask, NB, tl.float16, 2)
+
+
+@triton.jit
+def decode_bf16(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    return _plain(w_ptr, row_off, block, row_mask, NB, tl.bfloat16, 2)
+
+
+@triton.jit
+def _blocks32(w_ptr, row_off, block, row_mask, NB: tl.constexpr, BYTES: tl.constexpr):
+    """For the 32-element types: the blocks' base pointers [BLOCK_N, NB, 1], row mask [BLOCK_N, 1, 1], byte index
+    i [1, 1, 16] of the 16 quant bytes and the element index of each one's low nibble [1, NB, 16]."""
+    j = tl.arange(0, NB)[None, :, None]  # [1, NB, 1]
+    i = tl.arange(0, 16)[None, None, :]  # [1, 1, 16]
+    base = w_ptr + row_off[:, None, None] + (block + j) * BYTES  # [BLOCK_N, NB, 1]
+    return base, row_mask[:, None, None], i, j * 32 + i
+
+
+@triton.jit
+def decode_q8_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | qs int8[32] @2: element i = qs[i] * d
+    j = tl.arange(0, NB)[None, :, None]  # [1, NB, 1]
+    i = tl.arange(0, 32)[None, None, :]  # [1, 1, 32]
+    base = w_ptr + row_off[:, None, None] + (block + j) * 34  # [BLOCK_N, NB, 1]
+    mask = row_mask[:, None, None]
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    q = _load(base, 2 + i, mask, tl.int8).to(tl.float32)  # [BLOCK_N, NB, 32]
+    return _flat(q * d, j * 32 + i, NB * 32)
+
+
+@triton.jit
+def decode_q4_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | qs[16] @2: byte i holds elements i (low nibble) and 16 + i (high nibble); d * (q - 8)
+    base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 18)
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    qs = _load(base, 2 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
+    q = tl.interleave((qs & 15) - 8, (qs >> 4) - 8)  # [BLOCK_N, NB, 32]
+    return _flat(d * q.to(tl.float32), tl.interleave(col, col + 16), NB * 32)
+
+
+@triton.jit
+def decode_q4_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | m fp16 @2 | qs[16] @4 (as Q4_0): d * q + m
+    base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 20)
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    m = _load(base, 2, mask, tl.float16).to(tl.float32)
+    qs = _load(base, 4 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
+    q = tl.interleave(qs & 15, qs >> 4)  # [BLOCK_N, NB, 32]
+    return _flat(d * q.to(tl.float32) + m, tl.interleave(col, col + 16), NB * 32)
+
+
+@triton.jit
+def decode_q5_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | qh u32 @2: bit i is bit 4 of element i | qs[16] @6 (as Q4_0): d * (q - 16).
+    # qh is only 2-byte aligned: read as two u16, the top bits of elements 0-15 and of elements 16-31.
+    base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 22)
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    qh_low = _load(base, 2, mask, tl.uint16).to(tl.int32)  # [BLOCK_N, NB, 1]
+    qh_high = _load(base, 4, mask, tl.uint16).to(tl.int32)
+    qs = _load(base, 6 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
+    q = tl.interleave((qs & 15) | (((qh_low >> i) & 1) << 4), (qs >> 4) | (((qh_high >> i) & 1) << 4))
+    return _flat(d * (q - 16).to(tl.float32), tl.interleave(col, col + 16), NB * 32)
+
+
+@triton.jit
+def decode_q5_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | m fp16 @2 | qh u32 @4 | qs[16] @8 (as Q5_0): d * q + m.
+    # qh is read as an int32: the arithmetic shift's sign bits never reach the bit kept by & 1.
+    base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 24)
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    m = _load(base, 2, mask, tl.float16).to(tl.float32)
+    qh = _load(base, 4, mask, tl.int32)  # [BLOCK_N, NB, 1]
+    qs = _load(base, 8 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
+    q = tl.interleave((qs & 15) | (((qh >> i) & 1) << 4), (qs >> 4) | (((qh >> (i + 16)) & 1) << 4))
+    return _flat(d * q.to(tl.float32) + m, tl.interleave(col, col + 16), NB * 32)
+
+
+@triton.jit
+def _blocks256(w_ptr, row_off, block, row_mask, NB: tl.constexpr, BYTES: tl.constexpr):
+    """For Q4_K/Q5_K: the blocks' base pointers [BLOCK_N, NB, 1, 1], row mask [BLOCK_N, 1, 1, 1], group g
+    [1, 1, 4, 1] and byte i [1, 1, 1, 32] of the 4 groups of 32 quant bytes, each group's pair of (d * scale,
+    dmin * min) of its low-nibble sub-block 2g and high-nibble sub-block 2g + 1 [BLOCK_N, NB, 4, 1], and the
+    element index of each byte's low nibble, 64g + i [1, NB, 4, 32]."""
+    j = tl.arange(0, NB)[None, :, None, None]  # [1, NB, 1, 1]
+    g = tl.arange(0, 4)[None, None, :, None]  # [1, 1, 4, 1]
+    i = tl.arange(0, 32)[None, None, None, :]  # [1, 1, 1, 32]
+    base = w_ptr + row_off[:, None, None, None] + (block + j) * BYTES  # [BLOCK_N, NB, 1, 1]
+    mask = row_mask[:, None, None, None]
+    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1, 1]
+    dmin = _load(base, 2, mask, tl.float16).to(tl.float32)
+    # The 12 scale bytes as three words (4-byte aligned: blocks of 144 and 176 bytes), decoded 4 bytes at a time
+    # as _k_scales does one by one. The shifts are arithmetic (int32): every mask clears the sign bits they bring.
+    s = _load(base, 4, mask, tl.int32)  # [BLOCK_N, NB, 1, 1]: scales 0-3, low 6 bits
+    m = _load(base, 8, mask, tl.int32)  # mins 0-3, low 6 bits
+    low = _load(base, 12, mask, tl.int32)  # low 4 bits of scales 4-7 (low nibbles), mins 4-7 (high nibbles)
+    scales = tl.where(g < 2, s & 0x3F3F3F3F, (low & 0x0F0F0F0F) | ((s >> 2) & 0x30303030))  # [BLOCK_N, NB, 4, 1]
+    mins = tl.where(g < 2, m & 0x3F3F3F3F, ((low >> 4) & 0x0F0F0F0F) | ((m >> 2) & 0x30303030))
+    shift = 16 * (g % 2)  # sub-block 2g is byte 2g % 4 of its word, 2g + 1 the byte after it
+    d_low = d * ((scales >> shift) & 0xFF).to(tl.float32)
+    d_high = d * ((scales >> (shift + 8)) & 0xFF).to(tl.float32)
+    m_low = dmin * ((mins >> shift) & 0xFF).to(tl.float32)
+    m_high = dmin * ((mins >> (shift + 8)) & 0xFF).to(tl.float32)
+    return base, mask, g, i, d_low, m_low, d_high, m_high, j * 256 + g * 64 + i
+
+
+@triton.jit
+def decode_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # d fp16 @0 | dmin fp16 @2 | 8 six-bit (scale, min) pairs @4 (see _k_scales) | qs[128] @16: byte 32g + i holds
+    # elements 64g + i (low nibble, sub-block 2g) and 64g + 32 + i (high nibble, sub-block 2g + 1);
+    # element = (d * scale) * q - dmin * min
+    base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, 144)
+    qs = _load(base, 16 + g * 32 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
+    values = tl.interleave(d_low * (qs & 15).to(tl.float32) - m_low, d_high * (qs >> 4).to(tl.float32) - m_high)
+    return _flat(values, tl.interleave(col, col + 32), NB * 256)
+
+
+@triton.jit
+def decode_q5_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # as Q4_K, with qh[32] @16: bit k of byte i is bit 4 of element 32k + i, so bits 2g and 2g + 1 of byte i
+    # belong to qs byte 32g + i's low and high nibble | qs[128] @48
+    base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, 176)
+    qh = _load(base, 16 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 1, 32]
+    qs = _load(base, 48 + g * 32 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
+    q_low = (qs & 15) | (((qh >> (2 * g)) & 1) << 4)
+    q_high = (qs >> 4) | (((qh >> (2 * g + 1)) & 1) << 4)
+    values = tl.interleave(d_low * q_low.to(tl.float32) - m_low, d_high * q_high.to(tl.float32) - m_high)
+    return _flat(values, tl.interleave(col, col + 32), NB * 256)
+
+
+@triton.jit
+def decode_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+    # ql[128] @0 | qh[64] @128 | scales int8[16] @192 | d fp16 @208 (see _ref_q6_k). ql is read as 8 runs u of 16
+    # bytes, u = 4h + 2k + t: byte 16u + i holds elements e = 128h + 32k + 16t + i (low nibble) and e + 64 (high
+    # nibble), whose top 2 bits are bits 2k (and 2k + 4) of qh byte 32h + 16t + i (each qh run is read twice, for
+    # k = 0 and 1), and whose scales are scales[e // 16] = scales[8h + 2k + t] (and scales[8h + 4 + 2k + t]).
+    j = tl.arange(0, NB)[None, :, None, None]  # [1, NB, 1, 1]
+    u = tl.arange(0, 8)[None, None, :, None]  # [1, 1, 8, 1]
+    i = tl.arange(0, 16)[None, None, None, :]  # [1, 1, 1, 16]
+    h, k, t = u // 4, (u // 2) % 2, u % 2
+    base = w_ptr + row_off[:, None, None, None] + (block + j) * 210  # [BLOCK_N, NB, 1, 1]
+    mask = row_mask[:, None, None, None]
+    d = _load(base, 208, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1, 1]
+    d_low = d * _load(base, 192 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)  # [BLOCK_N, NB, 8, 1]
+    d_high = d * _load(base, 196 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)
+    ql = _load(base, 16 * u + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 8, 16]
+    qh = _load(base, 128 + 32 * h + 16 * t + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 8, 16]
+    q_low = ((ql & 15) | (((qh >> (2 * k)) & 3) << 4)) - 32
+    q_high = ((ql >> 4) | (((qh >> (2 * k + 4)) & 3) << 4)) - 32
+    col = j * 256 + 128 * h + 32 * k + 16 * t + i  # [1, NB, 8, 16]
+    values = tl.interleave(d_low * q_low.to(tl.float32), d_high * q_high.to(tl.float32))
+    return _flat(values, tl.interleave(col, col + 64), NB * 256)
+
+
+@triton.jit
+def decode(w_ptr, row_off, block, row_mask, QTYPE: tl.constexpr, NB: tl.constexpr):
+    """decode_<QTYPE>, QTYPE a QuantType's name."""
+    if QTYPE == "F32":
+        return decode_f32(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "F16":
+        return decode_f16(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "BF16":
+        return decode_bf16(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q8_0":
+        return decode_q8_0(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q4_0":
+        return decode_q4_0(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q4_1":
+        return decode_q4_1(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q5_0":
+        return decode_q5_0(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q5_1":
+        return decode_q5_1(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q4_K":
+        return decode_q4_k(w_ptr, row_off, block, row_mask, NB)
+    elif QTYPE == "Q5_K":
+        return decode_q5_k(w_ptr, row_off, block, row_mask, NB)
+    else:
+        tl.static_assert(QTYPE == "Q6_K")
+        return decode_q6_k(w_ptr, row_off, block, row_mask, NB)
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, rows_ptr, out_ptr, N, row_bytes, K, QTYPE: tl.constexpr,
+                       BLOCK_ELEMS: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output rows
+    row_mask = rows < N
+    src = rows  # [BLOCK_N] weight rows
+    if GATHER:
+        src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
+    block = tl.program_id(1) * NB
+    values, cols = decode(w_ptr, src.to(tl.int64) * row_bytes, block, row_mask, QTYPE, NB)  # [BLOCK_N, E], [E]
+    out = out_ptr + rows.to(tl.int64)[:, None] * K + block * BLOCK_ELEMS + cols[None, :]
+    tl.store(out, values.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def dequantize(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None,
+               block_n: int = 4, tile_elems: int = 1024) -> torch.Tensor:
+    """`reference` of data uint8 [N, row_bytes] (contiguous), or of its rows `rows` (int64 [R], for embedding
+    lookups) -> [N or R, K] out_dtype. A program decodes block_n rows of up to tile_elems elements: the most
+    blocks, a power of two, that divide the row and fit."""
+    qt = quant_type(qtype)
+    assert data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
+    assert rows is None or (rows.dtype == torch.int64 and rows.dim() == 1)
+    N, row_bytes = data.shape
+    K = qt.row_elems(row_bytes)
+    n_blocks = K // qt.block_elems
+    nb = min(n_blocks & -n_blocks, max(1, tile_elems // qt.block_elems))  # lowest set bit: largest 2^i dividing it
+    n_out = N if rows is None else rows.numel()
+    out = torch.empty(n_out, K, dtype=out_dtype, device=data.device)  # [n_out, K]
+    grid = (triton.cdiv(n_out, block_n), n_blocks // nb)
+    _dequantize_kernel[grid](data, data if rows is None else rows, out, n_out, row_bytes, K, QTYPE=qt.name,
+                             BLOCK_ELEMS=qt.block_elems, GATHER=rows is not None, BLOCK_N=block_n, NB=nb)
+    return out
