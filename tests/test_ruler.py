@@ -1,13 +1,21 @@
-"""RULER's tasks: the generated samples (answers in their documents, needles at their depths, sized in tokens, seeded)
-and the scorer.
+"""RULER's tasks: the generated samples (answers in their documents, needles at their depths, sized in tokens, seeded),
+the scorer, and `infer eval --suite ruler` end to end: its table on a tiny random model, its JSON on the SmolLM2
+demo. Each task costs a real model two prefills and up to 128 greedy tokens each: one task runs on the CPU here.
+
+The long runs (4K-32K tokens, 20 samples per task) are for the GPU: `infer eval MODEL --suite ruler`.
 """
 
+import json
 import math
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
+from conftest import random_model_folder
 
+from infer.cli.main import main
 from infer.engine.errors import InferError
 from infer.engine.measure import ruler
 from infer.engine.tokenizer import Tokenizer
@@ -131,3 +139,62 @@ def test_select_tasks_takes_names_and_families():
 def test_a_length_without_room_for_the_document_is_refused(tokenizer):
     with pytest.raises(InferError, match="cwe sample of 600 tokens"):
         next(ruler.ruler_samples(tokenizer, "cwe", 600, 1))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--suite", "passkey,rulers"], ["--suite", "passkey, nll, ruler"]),
+    (["--suite", "ruler", "--tasks", "niah_single_9"], ["niah_single_9", "vt"]),
+    (["--suite", "ruler", "--samples", "0"], ["--samples"]),
+    (["--tasks", "vt"], ["--suite ruler"]),
+    (["--suite", "ruler", "--lengths", "9000"], ["9000", "4096"]),
+    (["--suite", "ruler", "--lengths", "600", "--tasks", "cwe"], ["cwe", "600 tokens", "no room"]),
+])
+def test_cli_bad_input_is_one_line_before_loading(tiny, capsys, args, words):
+    assert main(["eval", str(tiny), "--device", "cpu", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("infer: error:") and err.count("\n") == 1 and all(w in err for w in words), err
+
+
+def infer(*args):
+    return subprocess.run([sys.executable, "-m", "infer.cli.main", *args], capture_output=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2, tmp_path_factory):
+    """A random two-layer llama with the demo model's tokenizer and chat template: the CLI runs in seconds."""
+    return random_model_folder(tmp_path_factory.mktemp("tiny-llama"), smollm2, model_type="llama", vocab_size=49152,
+                               hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def test_cli_ruler_table_beside_the_passkey(tiny):
+    result = infer("eval", str(tiny), "--device", "cpu", "--suite", "passkey,ruler", "--tasks", "vt,qa", "--lengths",
+                   "1024", "--samples", "2", "--depths", "0.5", "--answer-tokens", "2", "--topk", "4", "--window", "128")
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert "passkey retrieval" in out and "mean NLL" not in out
+    assert "RULER tasks" in out and "sparse/dense" in out and "95% interval" in out and "bootstrap" in out
+    for task in ("vt", "qa"):
+        row = re.search(rf"│ {task} +│ +1024 │ +2 │(.*)│ +(\d+)% │", out)
+        assert row and int(row.group(2)) < 50, out  # the sparse answers read part of the cache
+    assert "mean of 2 tasks" in out
+    assert result.stderr.decode().count("ruler ") == 4  # progress goes to stderr
+
+
+def test_cli_ruler_on_the_demo_model(smollm2):
+    """The real model at 2K, answered and scored: the JSON holds a row per task and length, and each sample."""
+    result = infer("eval", "smollm2-135m-instruct", "--device", "cpu", "--suite", "ruler", "--lengths", "2048",
+                   "--samples", "1", "--tasks", "niah_single_2", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    out = json.loads(result.stdout)
+    assert out["sparse"]["mode"] == "on" and out["model"] == str(smollm2) and "passkey" not in out and "nll" not in out
+    [row] = out["ruler"]
+    assert row["task"] == "niah_single_2" and row["length"] == 2048 and len(row["samples"]) == 1
+    [sample] = row["samples"]
+    assert 1900 < sample["tokens"] <= 2048 - 128 and len(sample["depths"]) == len(sample["needle_at"]) == 1
+    for mode in ("dense", "sparse"):
+        assert 0 <= sample[f"{mode}_score"] <= 1 and row[mode] == sample[f"{mode}_score"]
+        assert sample[f"{mode}_score"] == ruler.string_match_all(sample[mode], sample["answers"])
+    assert row["ratio"] == row["sparse"] / row["dense"] and row["ratio_low"] <= row["ratio"] <= row["ratio_high"]
+    assert sample["sparse_attention"] == "sparse" and 0 < row["kv_read"] <= 1
+    assert row["dense"] == 1.0  # measured: SmolLM2 finds a single needle at 2K
