@@ -257,8 +257,11 @@ def cmd_bench_attention(args) -> None:
     Console(width=max(100, 40 + 14 * len(rows))).print(table)
 
 
+EVAL_SUITES = ("passkey", "nll", "ruler")
+
+
 def cmd_eval(args) -> None:
-    """Passkey retrieval and log-likelihood, block-sparse against dense attention (engine/eval.py)."""
+    """Passkey retrieval, log-likelihood and RULER's tasks, block-sparse against dense attention (engine/measure/)."""
     import json
     from dataclasses import asdict
 
@@ -266,13 +269,24 @@ def cmd_eval(args) -> None:
     from rich.table import Table
 
     from infer.engine.measure import eval as quality
+    from infer.engine.measure import ruler
     from infer.weights.catalogue import resolve_model
 
     if args.sparse == "off":
         raise InferError("eval compares sparse attention against dense: --sparse off leaves nothing to compare")
+    suites = args.suite
+    if not suites or any(s not in EVAL_SUITES for s in suites):
+        raise InferError(f"--suite {','.join(suites)}: choose from {', '.join(EVAL_SUITES)} (comma-separated)")
+    if "ruler" not in suites and (args.tasks is not None or args.samples is not None):
+        raise InferError("--tasks and --samples choose RULER's samples: add --suite ruler")
     model_dir = resolve_model(args.model)
-    nll_tokens = max(args.lengths, default=0) if args.nll_tokens is None else args.nll_tokens
-    quality.check_request(model_dir, args.max_context, args.lengths, args.depths, args.answer_tokens, nll_tokens)
+    passkey_lengths = args.lengths if "passkey" in suites else []
+    nll_tokens = (max(args.lengths, default=0) if args.nll_tokens is None else args.nll_tokens) if "nll" in suites else 0
+    if "passkey" in suites or "nll" in suites:
+        quality.check_request(model_dir, args.max_context, passkey_lengths, args.depths, args.answer_tokens, nll_tokens)
+    if "ruler" in suites:
+        tasks, samples = ruler.select_tasks(args.tasks), 20 if args.samples is None else args.samples
+        ruler.check_request(model_dir, args.max_context, tasks, args.lengths, samples)
     dense = load_engine(args, {"mode": "off"})
     sparse = load_engine(args, {**sparse_overrides(args), "mode": args.sparse or "on"})
     settings, dtype = dict(vars(sparse.sparse)), str(dense.model.embed_tokens.weight.dtype).removeprefix("torch.")
@@ -281,15 +295,26 @@ def cmd_eval(args) -> None:
     def progress(r):
         say(f"passkey {r.tokens} tok, depth {r.depth:g}: dense {r.dense!r}, sparse {r.sparse!r}")
 
-    rows = quality.run_passkey(dense, sparse, args.lengths, args.depths, args.seed, args.answer_tokens, progress)
+    def ruler_progress(task, length, r):
+        say(f"ruler {task} {length} tok, sample {r.index}: dense {r.dense_score:.2f}, sparse {r.sparse_score:.2f}")
+
+    rows = quality.run_passkey(dense, sparse, passkey_lengths, args.depths, args.seed, args.answer_tokens, progress)
     if nll_tokens:
         say(f"log-likelihood over {nll_tokens} tokens ...")
     nll = quality.run_nll(dense, sparse, nll_tokens, args.nll_text) if nll_tokens else None
+    ruler_rows = ruler.run_ruler(dense, sparse, tasks, args.lengths, samples, args.seed,
+                                 ruler_progress) if "ruler" in suites else []
     if args.json:
-        nll_json = _nan_to_none({**asdict(nll), "diff_all": nll.diff_all, "diff_long": nll.diff_long,
-                                "diff_causal": nll.diff_causal}) if nll else None
-        print(json.dumps({"model": str(model_dir), "device": _device_name(dense.device), "dtype": dtype,
-                          "sparse": settings, "seed": args.seed, "passkey": [asdict(r) for r in rows], "nll": nll_json}))
+        out = {"model": str(model_dir), "device": _device_name(dense.device), "dtype": dtype, "sparse": settings,
+               "seed": args.seed}
+        if "passkey" in suites:
+            out["passkey"] = [asdict(r) for r in rows]
+        if "nll" in suites:
+            out["nll"] = _nan_to_none({**asdict(nll), "diff_all": nll.diff_all, "diff_long": nll.diff_long,
+                                       "diff_causal": nll.diff_causal}) if nll else None
+        if "ruler" in suites:
+            out["ruler"] = [_nan_to_none(asdict(r)) for r in ruler_rows]
+        print(json.dumps(out))
         return
     console = Console(width=max(130, Console().width), highlight=False)
     console.print(f"{model_dir.name} on {_device_name(dense.device)}, {dtype}; dense: sparse mode off; sparse: "
@@ -327,6 +352,31 @@ def cmd_eval(args) -> None:
         console.print("Sparse prefill shares one block selection per query tile, so a prediction's selection may "
                       "see up to block_size - 1 later tokens; the tile-end row holds only strictly causal ones.",
                       markup=False, soft_wrap=True)
+    if ruler_rows:
+        console.print(_ruler_table(ruler_rows, args.seed))
+
+
+def _ruler_table(rows, seed: int):
+    """RULER's scores per task and length, and their mean over the tasks at each length."""
+    from rich.table import Table
+
+    table = Table(title=f"RULER tasks (seed {seed}): greedy answers scored as RULER scores them, dense vs sparse")
+    for column in ("task", "tokens", "samples", "dense", "sparse", "sparse/dense", "95% interval", "KV read"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    percent = lambda x: "-" if x != x else f"{100 * x:.1f}%"
+    for r in rows:
+        read = "dense" if r.kv_read != r.kv_read else f"{100 * r.kv_read:.0f}%"
+        interval = "-" if r.ratio_low != r.ratio_low else f"{percent(r.ratio_low)} to {percent(r.ratio_high)}"
+        table.add_row(r.task, str(r.length), str(len(r.samples)), percent(r.dense), percent(r.sparse), percent(r.ratio),
+                      interval, read)
+    for length in dict.fromkeys(r.length for r in rows):
+        at = [r for r in rows if r.length == length]
+        dense, sparse = (sum(getattr(r, key) for r in at) / len(at) for key in ("dense", "sparse"))
+        table.add_row(f"mean of {len(at)} tasks", str(length), "", percent(dense), percent(sparse),
+                      percent(sparse / dense if dense else float("nan")), "", "", style="bold")
+    table.caption = ("score: the share of the expected answers in the answer (qa: any of them); 95% interval: "
+                     "percentile bootstrap of the ratio over the samples, resampled in pairs")
+    return table
 
 
 def _device_name(device) -> str:
@@ -341,6 +391,10 @@ def _nan_to_none(d: dict) -> dict:
 
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _float_list(text: str) -> list[float]:
@@ -404,21 +458,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--attention: first check each kernel against its torch reference; exit non-zero on failure")
     bench.set_defaults(func=cmd_bench)
 
-    ev = sub.add_parser("eval", help="quality of block-sparse attention: passkey retrieval and log-likelihood against dense",
+    ev = sub.add_parser("eval", help="quality of block-sparse attention against dense: passkey, log-likelihood, RULER",
                         description="Runs the model twice, dense (sparse mode off) and block-sparse (the sparse flags; "
-                                    "mode 'on' unless --sparse auto), and compares greedy passkey answers and "
-                                    "per-token log-likelihoods.")
+                                    "mode 'on' unless --sparse auto), and compares greedy passkey answers, per-token "
+                                    "log-likelihoods and RULER's long-context tasks.")
     add_model_flags(ev)
+    ev.add_argument("--suite", type=_name_list, default=["passkey", "nll"],
+                    help="what to run, comma-separated: passkey, nll, ruler (default passkey,nll)")
     ev.add_argument("--lengths", type=_int_list, default=[8192, 16384, 32000],
-                    help="passkey prompt lengths in tokens, comma-separated; each plus --answer-tokens must fit the "
-                         "context (default 8192,16384,32000; empty skips the passkey test)")
+                    help="prompt lengths in tokens, comma-separated (default 8192,16384,32000): a passkey prompt plus "
+                         "--answer-tokens, and a RULER sample with its answer, must fit the context; empty skips the "
+                         "passkey test")
     ev.add_argument("--depths", type=_float_list, default=[0.1, 0.5, 0.9],
                     help="needle depths as fractions of the document, comma-separated (default 0.1,0.5,0.9)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the filler text and the keys (default 0)")
-    ev.add_argument("--answer-tokens", type=int, default=12, help="greedy tokens per answer (default 12)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the filler text, the keys and the RULER samples (default 0)")
+    ev.add_argument("--answer-tokens", type=int, default=12, help="greedy tokens per passkey answer (default 12)")
     ev.add_argument("--nll-tokens", type=int,
                     help="tokens of natural text scored for log-likelihood (default: the largest length; 0 skips)")
     ev.add_argument("--nll-text", metavar="FILE", help="the text to score (default: /usr/share/common-licenses)")
+    ev.add_argument("--tasks", type=_name_list,
+                    help="RULER tasks or families, comma-separated: niah_single_1..3, niah_multikey_1..3, "
+                         "niah_multivalue, niah_multiquery, vt, cwe, fwe, qa; niah_single, niah_multikey or niah "
+                         "name a family (default: all)")
+    ev.add_argument("--samples", type=int, help="RULER samples per task and length (default 20)")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.set_defaults(func=cmd_eval)
 

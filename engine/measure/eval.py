@@ -330,11 +330,16 @@ def run_nll(dense: Engine, sparse: Engine, num_tokens: int, text_path: str | Pat
     )
 
 
+def model_context(model_dir: Path, max_context: int | None) -> int:
+    """The tokens an Engine's cache will hold: --max-context, at most the model's own context."""
+    cfg = ModelConfig.from_dir(model_dir)
+    return min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+
+
 def check_request(model_dir: Path, max_context: int | None, lengths: list[int], depths: list[float],
                   answer_tokens: int, nll_tokens: int) -> int:
     """Validate the sizes against the model's context and tokenizer before the weights load; returns the context."""
-    cfg = ModelConfig.from_dir(model_dir)
-    context = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    context = model_context(model_dir, max_context)
     if not lengths and not nll_tokens:
         raise InferError("nothing to evaluate: give passkey --lengths or --nll-tokens")
     if lengths and not depths:
