@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.set_defaults(func=cmd_eval)
 
-    pull = sub.add_parser("pull", help="download and convert a catalogue model into weights/NAME")
+    pull = sub.add_parser("pull", help="download and convert a catalogue model into the models folder")
     pull.add_argument("name")
     pull.set_defaults(func=cmd_pull)
     return parser

@@ -55,8 +55,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "infer"
 
 
-def default_weights_dir() -> Path:
-    return Path(os.environ.get("INFER_WEIGHTS_DIR") or Path(__file__).parent)
+def models_dir() -> Path:
+    """Where catalogue models are converted to: $INFER_WEIGHTS_DIR, else the user's data folder."""
+    if os.environ.get("INFER_WEIGHTS_DIR"):
+        return Path(os.environ["INFER_WEIGHTS_DIR"])
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "infer" / "models"
 
 
 def is_complete(folder: Path) -> bool:
@@ -76,7 +79,7 @@ def pull(name: str, weights_dir: str | Path | None = None, progress: bool = True
     """Download, verify and convert catalogue model `name` into weights_dir/name; a no-op once that is complete."""
     if name not in CATALOGUE:
         raise InferError(f"unknown model {name!r}; known: {', '.join(CATALOGUE)}")
-    target = Path(weights_dir or default_weights_dir()) / name
+    target = Path(weights_dir or models_dir()) / name
     if is_complete(target):
         return target
     say = Console(stderr=True, highlight=False, markup=False).print if progress else lambda *args, **kwargs: None
