@@ -8,7 +8,9 @@ from infer.engine.errors import InferError
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a model folder (Hugging Face layout) or a catalogue name, e.g. smollm2-135m-instruct")
+    p.add_argument("model", help="a model folder (Hugging Face layout), a catalogue name (e.g. smollm2-135m-instruct) "
+                                 "or a Hugging Face repo id ORG/NAME[:QUANT]")
+    p.add_argument("--revision", help="branch, tag or commit of a Hugging Face repo id (default: main)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--max-context", type=int, help="tokens the KV cache holds (default: the model's context)")
@@ -71,9 +73,9 @@ def load_engine(args, sparse: dict | None = None):
     from infer.engine.generate import Engine
     from infer.weights.catalogue import resolve_model
 
-    return Engine(resolve_model(args.model), device=args.device, dtype=args.dtype, max_context=args.max_context,
-                  sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty(), cuda_graphs=not args.eager,
-                  **speculative_options(args))
+    return Engine(resolve_model(args.model, args.revision), device=args.device, dtype=args.dtype,
+                  max_context=args.max_context, sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty(),
+                  cuda_graphs=not args.eager, **speculative_options(args))
 
 
 def cmd_generate(args) -> None:
@@ -103,9 +105,9 @@ def cmd_chat(args) -> None:
 
 
 def cmd_pull(args) -> None:
-    from infer.weights.catalogue import pull
+    from infer.weights.catalogue import pull_model
 
-    print(pull(args.name))
+    print(pull_model(args.name, args.revision))
 
 
 def cmd_bench(args) -> None:
@@ -227,7 +229,7 @@ def cmd_eval(args) -> None:
 
     if args.sparse == "off":
         raise InferError("eval compares sparse attention against dense: --sparse off leaves nothing to compare")
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model(args.model, args.revision)
     nll_tokens = max(args.lengths, default=0) if args.nll_tokens is None else args.nll_tokens
     quality.check_request(model_dir, args.max_context, args.lengths, args.depths, args.answer_tokens, nll_tokens)
     dense = load_engine(args, {"mode": "off"})
@@ -379,8 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.set_defaults(func=cmd_eval)
 
-    pull = sub.add_parser("pull", help="download and convert a catalogue model into the models folder")
+    pull = sub.add_parser("pull", help="download a model without running it: a catalogue name (converted into the "
+                                       "models folder) or a Hugging Face repo id ORG/NAME[:QUANT] (into its cache)")
     pull.add_argument("name")
+    pull.add_argument("--revision", help="branch, tag or commit of a Hugging Face repo id (default: main)")
     pull.set_defaults(func=cmd_pull)
     return parser
 
