@@ -110,6 +110,23 @@ def cmd_pull(args) -> None:
     print(pull_model(args.name, args.revision))
 
 
+def cmd_list(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from infer.weights.catalogue import models_dir
+    from infer.weights.listing import cache_folder, local_models
+
+    models = local_models()
+    table = Table(title=f"models in {models_dir()} and the Hugging Face cache {cache_folder()}")
+    table.add_column("MODEL", no_wrap=True, min_width=max((len(m.name) for m in models), default=5))  # to be copied
+    for column in ("revision", "architecture", "context", "size"):
+        table.add_column(column, justify="right" if column in ("context", "size") else "left")
+    for m in models:
+        table.add_row(m.name, m.revision, m.architecture, str(m.context or "?"), _bytes(m.size))
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)  # a pipe gets whole lines
+
+
 def cmd_bench(args) -> None:
     import json
 
@@ -298,6 +315,14 @@ def _nan_to_none(d: dict) -> dict:
     return {k: None if v != v else v for k, v in d.items()}  # strict JSON has no NaN
 
 
+def _bytes(n: float) -> str:
+    units = ("B", "kB", "MB", "GB", "TB")
+    i = 0
+    while n >= 1000 and i + 1 < len(units):
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} {units[i]}" if i < 2 else f"{n:.1f} {units[i]}"
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -386,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
     pull.add_argument("--revision", help="branch, tag or commit of a Hugging Face repo id (default: main)")
     pull.set_defaults(func=cmd_pull)
+
+    ls = sub.add_parser("list", help="the models on this machine: the models folder and the Hugging Face cache")
+    ls.set_defaults(func=cmd_list)
     return parser
 
 

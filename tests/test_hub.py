@@ -1,4 +1,4 @@
-"""Hugging Face repo ids as MODEL and `infer pull ORG/NAME[:QUANT]`, against a fake hub on 127.0.0.1.
+"""Hugging Face repo ids as MODEL, `infer pull ORG/NAME[:QUANT]` and `infer list`, against a fake hub on 127.0.0.1.
 
 huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE when it is imported, so everything that reaches the hub
 runs as the user runs it: an `infer` subprocess with those set (HF_HOME in tmp_path).
@@ -173,6 +173,28 @@ def test_repo_errors(hub, tmp_path, model, words):
 def test_gated_repo_with_its_token(hub, tmp_path):
     path = Path(ok(infer(hub, tmp_path, "pull", GATED, HF_TOKEN=TOKEN)).strip())
     assert snapshot_files(path) == ["config.json", "model.safetensors"]
+
+
+def test_list_shows_folders_and_cached_models_and_skips_unreadable_ones(hub, smol_home, smollm2, tmp_path):
+    home, _, _ = smol_home
+    models = tmp_path / "models"
+    (models / "junk").mkdir(parents=True)
+    (models / "junk" / "config.json").write_text("[]")
+    (models / smollm2.name).symlink_to(smollm2)
+    for quant in ("Q4_K_M", "Q8_0"):
+        ok(infer(hub, home, "pull", f"{GGUF_REPO}:{quant}"))
+    broken = home / "hub" / "models--broken--repo"
+    (broken / "snapshots" / MAIN).mkdir(parents=True)
+    (broken / "snapshots" / MAIN / "config.json").write_text("{not json")
+    (broken / "refs").mkdir()
+    (broken / "refs" / "main").write_text(MAIN)
+    out = ok(infer(hub, home, "list", INFER_WEIGHTS_DIR=str(models)))
+    q4 = home / "hub" / "models--TinyOrg--Tiny-GGUF" / "snapshots" / MAIN / "Tiny-Q4_K_M.gguf"
+    q4_size = f"{q4.stat().st_size} B"
+    rows = {tuple(cell.strip() for cell in line.split("│")[1:-1]) for line in out.splitlines() if "│" in line}
+    assert {("smollm2-135m-instruct", "", "llama", "8192", "272.6 MB"), (SMOL, "main", "llama", "8192", "272.6 MB"),
+            (f"{GGUF_REPO}:Q4_K_M", "main", "llama", "2048", q4_size)} <= rows
+    assert {row[0] for row in rows} - {SMOL} == {"smollm2-135m-instruct", f"{GGUF_REPO}:Q4_K_M", f"{GGUF_REPO}:Q8_0"}
 
 
 def test_select_files():
