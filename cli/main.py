@@ -117,9 +117,12 @@ def cmd_list(args) -> None:
     from infer.weights.catalogue import models_dir
     from infer.weights.listing import cache_folder, local_models
 
-    models = local_models()
-    table = Table(title=f"models in {models_dir()} and the Hugging Face cache {cache_folder()}")
-    table.add_column("MODEL", no_wrap=True, min_width=max((len(m.name) for m in models), default=5))  # to be copied
+    models, where = local_models(), f"{models_dir()} and the Hugging Face cache {cache_folder()}"
+    if not models:
+        print(f"no models in {where}; infer pull ORG/NAME downloads one")
+        return
+    table = Table(title=f"models in {where}")
+    table.add_column("MODEL", no_wrap=True, min_width=max(len(m.name) for m in models))  # whole, to be copied
     for column in ("revision", "architecture", "context", "size"):
         table.add_column(column, justify="right" if column in ("context", "size") else "left")
     for m in models:

@@ -197,6 +197,11 @@ def test_list_shows_folders_and_cached_models_and_skips_unreadable_ones(hub, smo
     assert {row[0] for row in rows} - {SMOL} == {"smollm2-135m-instruct", f"{GGUF_REPO}:Q4_K_M", f"{GGUF_REPO}:Q8_0"}
 
 
+def test_list_without_models_says_where_it_looked(hub, tmp_path):
+    out = ok(infer(hub, tmp_path, "list", INFER_WEIGHTS_DIR=str(tmp_path / "models")))
+    assert out.startswith(f"no models in {tmp_path / 'models'} and the Hugging Face cache {tmp_path / 'hub'}")
+
+
 def test_select_files():
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     files = ["README.md", "config.json", "consolidated.safetensors", "tokenizer.json", *shards]
