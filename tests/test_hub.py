@@ -69,7 +69,8 @@ def hub(smollm2, tmp_path_factory):
 def infer(hub: FakeHub, home: Path, *args, **env):
     """`infer *args` with huggingface_hub pointed at the fake hub and a cache under home."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    base.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1")
+    base.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost",
+                no_proxy="127.0.0.1,localhost")  # a proxy the machine may name is not on the way to the fake hub
     return subprocess.run([sys.executable, "-m", "infer.cli.main", *args], capture_output=True, timeout=300,
                           env={**base, **env})
 
