@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from infer.engine.errors import InferError
+from infer.engine.sampling import SamplingParams
 
 # The engine's stop reasons as OpenAI's finish_reason.
 FINISH_REASONS = {"eos": "stop", "stop string": "stop", "max tokens": "length", "context full": "length"}
@@ -193,7 +194,7 @@ class Job:
     there when the client goes away."""
 
     request: ChatRequest | CompletionRequest
-    params: object  # SamplingParams
+    params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -343,7 +344,8 @@ class Server:
 
     async def http_error(self, request, e: HTTPException):  # unknown path, wrong method
         return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                        type="not_found_error" if e.status_code == 404 else "invalid_request_error").response()
+                        type="not_found_error" if e.status_code == 404 else "invalid_request_error",
+                        headers=e.headers).response()
 
     async def crash(self, request, e: Exception):
         return APIError(500, f"internal error: {e}", type="server_error").response()
@@ -377,10 +379,10 @@ class Server:
         if req.model is not None and req.model not in self.names:
             raise APIError(404, f"model: {req.model!r} is not served here; this server serves {self.model_id!r}",
                            type="not_found_error", param="model", code="model_not_found")
-        e = self.engine
-        params = e.sampling_params(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                                   repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop,
-                                   max_tokens=req.token_limit() or e.max_len)
+        engine = self.engine
+        params = engine.sampling_params(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                        min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
+                                        stop=req.stop, max_tokens=req.token_limit() or engine.max_len)
         job = Job(req, params, asyncio.get_running_loop())
         self.worker.submit(job)
         head = {"id": f"{req.id_prefix}-{uuid.uuid4().hex}", "object": req.chunk_object if req.stream else req.object,
