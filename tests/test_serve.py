@@ -62,8 +62,33 @@ class Server:
         return list(re.finditer(pattern, self.log.read_text()))
 
 
+CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
+RAW_PROMPT = "The three primary colors are"
+
+
+class InferGenerate:
+    """`infer generate` greedy on one prompt: started at once, read when needed."""
+
+    def __init__(self, folder, prompt: str, *flags: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "infer.cli.main", "generate", str(folder), "-p", prompt, "--max-tokens", "16",
+             "--temperature", "0", "--max-context", str(CONTEXT), *flags], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+
+    def text(self) -> str:
+        out, err = self.process.communicate(timeout=300)
+        assert self.process.returncode == 0, err.decode()
+        return out.decode()[:-1]  # generate ends the answer with a newline
+
+
 @pytest.fixture(scope="module")
-def server(smollm2, tmp_path_factory):
+def generated(smollm2):
+    """The answers the server must give, computed while the server starts."""
+    return {"chat": InferGenerate(smollm2, CHAT_PROMPT), "raw": InferGenerate(smollm2, RAW_PROMPT, "--raw")}
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, generated, tmp_path_factory):
     server = Server(smollm2, tmp_path_factory.mktemp("serve"))
     yield server
     server.process.terminate()
@@ -80,18 +105,9 @@ def tokenizer(smollm2):
     return Tokenizer.from_dir(smollm2)
 
 
-def infer_generate(folder, prompt: str, *flags: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "infer.cli.main", "generate", str(folder), "-p", prompt,
-                             "--max-tokens", "16", "--temperature", "0", "--max-context", str(CONTEXT), *flags],
-                            capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr.decode()
-    return result.stdout.decode()[:-1]  # generate ends the answer with a newline
-
-
-def test_chat_stream_and_non_stream_give_the_text_of_infer_generate(server, client, smollm2):
-    prompt = "What is the capital of France? Answer in one sentence."
-    expected = infer_generate(smollm2, prompt)
-    messages = [{"role": "user", "content": prompt}]
+def test_chat_stream_and_non_stream_give_the_text_of_infer_generate(client, generated):
+    expected = generated["chat"].text()
+    messages = [{"role": "user", "content": CHAT_PROMPT}]
     answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
     assert answer.choices[0].message.content == expected
     usage, timings = answer.usage, answer.model_extra["timings"]
@@ -108,10 +124,9 @@ def test_chat_stream_and_non_stream_give_the_text_of_infer_generate(server, clie
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
 
 
-def test_text_completion_gives_the_text_of_infer_generate_raw(server, client, smollm2):
-    prompt = "The three primary colors are"
-    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
-    assert answer.choices[0].text == infer_generate(smollm2, prompt, "--raw")
+def test_text_completion_gives_the_text_of_infer_generate_raw(client, generated):
+    answer = client.completions.create(model=MODEL, prompt=RAW_PROMPT, max_tokens=16, temperature=0)
+    assert answer.choices[0].text == generated["raw"].text()
 
 
 def test_models_lists_the_model(client):
