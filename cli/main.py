@@ -147,6 +147,12 @@ def cmd_chat(args) -> None:
     run_chat(args)
 
 
+def cmd_serve(args) -> None:
+    from infer.cli.serve import cmd_serve as run_server
+
+    run_server(args)
+
+
 def cmd_pull(args) -> None:
     from infer.weights.catalogue import pull_model
 
@@ -465,6 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(chat)
     add_speculative_flags(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    add_model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    serve.add_argument("--api-key", help="answer only requests with 'Authorization: Bearer KEY' (default: $INFER_API_KEY)")
+    serve.add_argument("--queue", type=int, default=8,
+                       help="requests that may wait while one runs; more are answered 429 (default 8)")
+    add_speculative_flags(serve)
+    serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="prefill/decode throughput on random weights at a real model shape")
     bench.add_argument("--shape", default="llama3-8b", help="named shape: llama3-8b, qwen2.5-7b, minicpm4-8b, smollm2-135m")
