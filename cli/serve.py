@@ -31,11 +31,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from infer.engine.errors import InferError
+from infer.engine.errors import ContextOverflow, InferError, ParameterError
 from infer.engine.sampling import SamplingParams
 
 # The engine's stop reasons as OpenAI's finish_reason.
-FINISH_REASONS = {"eos": "stop", "stop string": "stop", "max tokens": "length", "context full": "length"}
+FINISH_REASONS = {"end of turn": "stop", "stop string": "stop", "max tokens": "length", "context full": "length"}
 
 
 class APIError(Exception):
@@ -111,18 +111,23 @@ class GenerationRequest(_Strict):
     model: str | None = None  # None: the one model served
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)  # None: until the answer ends or the context is full
-    temperature: float | None = Field(None, ge=0, le=2)  # None: the model's generation_config, else greedy
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    # The sampling fields' types; their ranges are the engine's (sampling.check_sampling), checked in complete()
+    max_tokens: int | None = None  # None: until the answer ends or the context is full
+    temperature: float | None = None  # None: the model's generation_config, else greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
     stop: Annotated[list[str] | None, BeforeValidator(_string_list)] = None  # a string or a list of them
     n: int = Field(1, ge=1, le=1)  # one answer per request
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def limit_field(self) -> str:
+        """The field that token_limit comes from."""
+        return "max_tokens"
 
 
 class CompletionRequest(GenerationRequest):
@@ -153,10 +158,13 @@ class ChatRequest(GenerationRequest):
     chunk_object = "chat.completion.chunk"
 
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
 
     def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def limit_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def encode(self, tokenizer) -> list[int]:
         return tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in self.messages])
@@ -259,10 +267,13 @@ class Worker:
                 stream.close()  # stops the generation and rolls the cache back to what the answer reached
             stats = replace(self.engine.stats)
             job.emit("done", stats)
-            log(f"{label}: {stats.line()} | {stats.stop_reason}")
+            log(f"{label}: {stats.line()}")
         except Cancelled:
             log(f"{label}: the client went away during the prefill")
-        except InferError as e:  # the input does not fit the context, or the chat template rejects the messages
+        except ContextOverflow as e:
+            job.emit("error", APIError(400, str(e), param="messages", code="context_length_exceeded"))
+            log(f"{label}: {e}")
+        except InferError as e:  # the chat template rejects the messages
             job.emit("error", APIError(400, str(e)))
             log(f"{label}: {e}")
         except Exception as e:  # a bug: answered 500 and logged; the next request is served
@@ -380,9 +391,13 @@ class Server:
             raise APIError(404, f"model: {req.model!r} is not served here; this server serves {self.model_id!r}",
                            type="not_found_error", param="model", code="model_not_found")
         engine = self.engine
-        params = engine.sampling_params(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                        min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
-                                        stop=req.stop, max_tokens=req.token_limit() or engine.max_len)
+        try:
+            params = engine.sampling_params(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                            min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                                            seed=req.seed, stop=req.stop, max_tokens=req.token_limit() or engine.max_len)
+        except ParameterError as e:
+            field = req.limit_field() if e.name == "max_tokens" else e.name
+            raise APIError(400, f"{field}: {e.problem}", param=field) from None
         job = Job(req, params, asyncio.get_running_loop())
         self.worker.submit(job)
         head = {"id": f"{req.id_prefix}-{uuid.uuid4().hex}", "object": req.chunk_object if req.stream else req.object,
@@ -450,13 +465,12 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from infer.cli.main import load_engine
-    from infer.weights.catalogue import resolve_model
 
     if args.queue < 1:
         raise InferError("--queue must be at least 1")
     sock = listen(args.host, args.port)
     engine = load_engine(args)
-    model_id = resolve_model(args.model).name
+    model_id = engine.model_dir.name
     server = Server(engine, model_id, {args.model}, args.api_key or os.environ.get("INFER_API_KEY"), args.queue)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"

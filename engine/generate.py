@@ -90,7 +90,7 @@ class Engine:
         speculative = SpeculativeConfig(draft, lookup, fr_spec, max_draft)
         self.device = parse_device(device)
         dtype = parse_dtype(dtype, self.device)
-        model_dir = Path(model_dir)
+        self.model_dir = model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise InferError(f"model folder {model_dir} does not exist")
         cfg = ModelConfig.from_dir(model_dir)

@@ -169,7 +169,7 @@ def tiny(smollm2, tmp_path_factory):
 
 def test_cli_ruler_table_beside_the_passkey(tiny):
     result = infer("eval", str(tiny), "--device", "cpu", "--suite", "passkey,ruler", "--tasks", "vt,qa", "--lengths",
-                   "1024", "--samples", "2", "--depths", "0.5", "--answer-tokens", "2", "--topk", "4", "--window", "128")
+                   "1024", "--samples", "2", "--depths", "0.5", "--answer-tokens", "2", "--sparse-topk", "4", "--window", "128")
     assert result.returncode == 0, result.stderr.decode()
     out = result.stdout.decode()
     assert "passkey retrieval" in out and "mean NLL" not in out

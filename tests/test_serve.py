@@ -186,7 +186,7 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, clien
     after = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
                                            temperature=0)
     assert after.choices[0].message.content
-    stopped = server.log_lines(r"generated (\d+) tok[^\n]*\| interrupted")
+    stopped = server.log_lines(r"generated (\d+) tok[^\n]*\| stopped: interrupted")
     assert len(stopped) == 1 and int(stopped[0][1]) < 16, server.log.read_text()
 
 
