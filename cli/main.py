@@ -182,7 +182,6 @@ def cmd_list(args) -> None:
 def cmd_bench(args) -> None:
     import json
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -221,12 +220,12 @@ def cmd_bench_attention(args) -> None:
     import json
     from dataclasses import asdict
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
-    from infer.engine.measure import bench
     from infer.engine.device import parse_device, parse_dtype
+    from infer.engine.measure import bench
+    from infer.engine.measure.checks import attention_checks
 
     if not args.attention:
         raise InferError("--check goes with --attention")
@@ -236,7 +235,7 @@ def cmd_bench_attention(args) -> None:
     dtype = parse_dtype(args.dtype, device)
     checks = []
     if args.check:
-        checks = bench.attention_checks(dtype=dtype, device=device)
+        checks = attention_checks(dtype=dtype, device=device)
         if not args.json:
             for c in checks:
                 print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}", flush=True)

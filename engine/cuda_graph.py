@@ -12,7 +12,7 @@ import torch
 
 from infer.kernels import gemv
 
-from .attention import DECODE_MAX_QUERIES, uses_sparse
+from .attention import DECODE_MAX_QUERIES, SelectionRecord, uses_sparse
 from .kv_cache import KVCache, Positions
 from .model import Transformer
 
@@ -24,7 +24,8 @@ class GraphedDecode:
     def __init__(self, model: Transformer, cache: KVCache, enabled: bool = True):
         self.model, self.cache = model, cache
         self.enabled = enabled and cache.k.is_cuda and not (cache.sparse is not None and cache.sparse.use_nope)
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, SelectionRecord]] = {}
+        self.record = SelectionRecord()  # the latest pass's sparse selection (stats): a graph's own buffers
         if not self.enabled:
             return
         device = cache.k.device
@@ -57,7 +58,8 @@ class GraphedDecode:
         """Logits [T, V] (float32) of tokens [T] at positions cache.length..; a replay's are overwritten by the next."""
         num_tokens, start = tokens.shape[0], self.cache.length
         if not self.enabled or num_tokens > DECODE_MAX_QUERIES:
-            return self.model(tokens, self.cache, num_logits=num_tokens)
+            self.record = SelectionRecord()
+            return self.model(tokens, self.cache, num_logits=num_tokens, record=self.record)
         if tokens.data_ptr() != self.tokens.data_ptr():
             self.tokens[:num_tokens].copy_(tokens, non_blocking=True)
         if self.device_start != start:  # rolled back, or first use
@@ -65,18 +67,17 @@ class GraphedDecode:
         key = self.key(num_tokens)
         if key not in self.graphs:
             self.graphs[key] = self._capture(num_tokens)
-        graph, logits, selection = self.graphs[key]
+        graph, logits, self.record = self.graphs[key]
         graph.replay()
         self.cache.length = self.device_start = start + num_tokens
-        self.cache.last_selection = selection  # the buffers this graph's last sparse call writes (stats)
         return logits
 
-    def _pass(self, num_tokens: int) -> torch.Tensor:
+    def _pass(self, num_tokens: int, record: SelectionRecord) -> torch.Tensor:
         ids, ends = self.positions[:, :num_tokens]  # [T] each
         pos = Positions(self.cache.length, ids, ids, ends)
         one = num_tokens == 1
         logits = self.model(self.tokens[:num_tokens], self.cache, num_logits=num_tokens, pos=pos,
-                            argmax=self.argmax if one else None)
+                            argmax=self.argmax if one else None, record=record)
         if one:
             gemv.take_argmax(self.argmax, self.tokens[:1], advance=self.positions)
         else:
@@ -86,16 +87,17 @@ class GraphedDecode:
     def _capture(self, num_tokens: int):
         """Capture the pass of `num_tokens` tokens; the inputs are as found after (the warm-up ran the pass)."""
         start, inputs = self.cache.length, (self.tokens.clone(), self.positions.clone())
+        record = SelectionRecord()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up off the capture: compiles the Triton kernels, sets up cuBLAS
-            self._pass(num_tokens)  # writes this pass's keys and values, which the replay rewrites identically
+            self._pass(num_tokens, record)  # writes this pass's keys and values, which the replay rewrites identically
             self.cache.length = start
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.memory):
-            logits = self._pass(num_tokens)
+            logits = self._pass(num_tokens, record)
         self.cache.length = start
         self.tokens.copy_(inputs[0])
         self.positions.copy_(inputs[1])
-        return graph, logits, self.cache.last_selection
+        return graph, logits, record

@@ -192,7 +192,7 @@ class Engine:
             answer.close()
             del self.tokens[done:]  # accepted drafts, or a pass queued ahead, that the answer did not reach
             self.cache.truncate(len(self.tokens))
-            self.stats.attention, self.stats.kv_read = latest_read(self.cache, len(self.tokens))
+            self.stats.attention, self.stats.kv_read = latest_read(self.cache, len(self.tokens), self.decode.record)
 
     def _decode_ahead(self, first: torch.Tensor, sampler: Sampler, history: torch.Tensor) -> Iterator[int]:
         """The answer's tokens from `first` (a device tensor [1]) on, one forward pass each, with the device one

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infer.kernels import pool_keys
+from infer.kernels import block_select, pool_keys
 
 from .config import SparseConfig
 from .rope import Rope, unapply_rope
@@ -46,14 +46,16 @@ class KVCache:
         self.v = torch.empty_like(self.k)  # [layers, Hkv, max_len, d]
         self.length = 0  # tokens whose keys and values are stored
         self.sparse = sparse  # None: dense attention only, no summaries kept
-        self.last_selection = None  # (block_count [Hkv, n_tiles], keys) of the latest sparse call, for stats
         self.rope = rope  # the rotation of the cached keys, undone for use_nope summaries
         if sparse is not None and sparse.use_nope and rope is None:
             raise ValueError("use_nope summaries need the model's rope")
         self.summaries = None  # [layers, Hkv, C, d] with sparse attention
+        self.select_tickets = None  # the block selection's counters (block_select.new_tickets), on CUDA
         if sparse is not None:
             max_summaries = max(1, pool_keys.num_summaries(max_len, sparse.kernel_size, sparse.kernel_stride))
             self.summaries = torch.empty(num_layers, num_kv_heads, max_summaries, head_dim, dtype=dtype, device=device)  # [layers, Hkv, C, d]
+            if self.k.is_cuda:
+                self.select_tickets = block_select.new_tickets(self.k.device)
 
     def pool_nope(self, layer: int, pos: Positions) -> None:
         """use_nope: pool the windows that the keys just written at `pos` complete from the keys before RoPE (one

@@ -6,12 +6,13 @@ Parameter names equal the Hugging Face checkpoint names without the leading "mod
 import torch
 from torch import nn
 
-from infer.kernels import activation, gemv, norm, rope_append
+from infer.kernels import norm
 
-from .attention import attend, uses_sparse
+from .attention import SelectionRecord, attend, uses_sparse
 from .config import ModelConfig, SparseConfig
 from .kv_cache import KVCache, Positions
-from .rope import Rope
+from .linear import Linear
+from .rope import Rope, rope_append
 
 
 class RMSNorm(nn.Module):
@@ -24,34 +25,6 @@ class RMSNorm(nn.Module):
         return (norm.rms_norm if x.is_cuda else norm.reference)(x, self.weight, self.eps)  # [T, dim]
 
 
-def project(x: torch.Tensor, linear: nn.Linear, gated: bool = False, residual: torch.Tensor | None = None,
-            residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """linear(x) [T, out], or linear(silu(gate) * up) of x = [gate | up] [T, 2 * in] when gated; with a residual
-    [T, out]: residual + residual_scale * that, the new residual stream. One row on CUDA (decoding) is one GEMV
-    kernel with the activation and the add fused (kernels.gemv; faster than cuBLAS there), which also packs the
-    row's argmax into `argmax` when given (see gemv.argmax_buffer) and writes out_dtype (values rounded to x's
-    dtype either way); other shapes return x's dtype."""
-    if x.is_cuda and x.shape[0] == 1:
-        return gemv.gemv(x, linear.weight, linear.bias, gated, residual, residual_scale, argmax, out_dtype)
-    assert argmax is None, "the argmax is packed by the one-row CUDA kernel only"
-    if gated:
-        x = (activation.silu_mul if x.is_cuda else activation.reference)(x)
-    y = linear(x)
-    return y if residual is None else torch.add(residual, y, alpha=residual_scale)
-
-
-def _fuse_linears(*linears: nn.Linear) -> nn.Linear:
-    """One Linear whose output is the outputs of `linears` side by side (one weight read, one launch)."""
-    weight = torch.cat([m.weight for m in linears])
-    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        fused.bias = nn.Parameter(bias, requires_grad=False)
-    return fused
-
-
 class Attention(nn.Module):
     """Parameters as in the checkpoint (q_proj, k_proj, v_proj); `fuse` joins the three into qkv_proj."""
 
@@ -59,22 +32,23 @@ class Attention(nn.Module):
         super().__init__()
         d, bias = cfg.head_dim, cfg.attention_bias
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * d, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
+        self.o_proj = Linear(cfg.num_heads * d, cfg.hidden_size)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def fuse(self) -> None:
-        self.qkv_proj = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_proj = Linear.fused(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, h: torch.Tensor, pre_norm: RMSNorm, residual_scale: float, pos: Positions,
-                rope: tuple[torch.Tensor, float], cache: KVCache, layer: int) -> torch.Tensor:
-        """The residual stream h [T, hidden] plus residual_scale * attention(pre_norm(h))."""
+                rope: tuple[torch.Tensor, float], cache: KVCache, layer: int,
+                record: SelectionRecord | None = None) -> torch.Tensor:
+        """The residual stream h [T, hidden] plus residual_scale * attention(pre_norm(h)); record: see attend."""
         num_tokens = h.shape[0]
-        qkv = project(pre_norm(h), self.qkv_proj)  # [T, (Hq + 2 Hkv) d]
+        qkv = self.qkv_proj(pre_norm(h))  # [T, (Hq + 2 Hkv) d]
         qk_norms = {} if self.q_norm is None else dict(
             q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps)
         # q [Hq, T, d] rotated; k rotated and v written into the cache at pos, and the summaries of the windows they
@@ -82,9 +56,8 @@ class Attention(nn.Module):
         sparse = cache.sparse
         pool = {} if sparse is None or sparse.use_nope else dict(
             summaries=cache.summaries[layer], kernel=sparse.kernel_size, stride=sparse.kernel_stride)
-        rope_append_fn = rope_append.rope_append if h.is_cuda else rope_append.reference
-        q = rope_append_fn(qkv, pos.ids, *rope, cache.k[layer], cache.v[layer], self.num_heads, self.num_kv_heads,
-                           self.head_dim, **qk_norms, **pool)
+        q = rope_append(qkv, pos.ids, *rope, cache.k[layer], cache.v[layer], self.num_heads, self.num_kv_heads,
+                        self.head_dim, **qk_norms, **pool)
         q_score = None
         if sparse is not None and sparse.use_nope:  # blocks are scored with the queries before RoPE
             cache.pool_nope(layer, pos)
@@ -92,9 +65,8 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q_score = self.q_norm(q_score)
             q_score = q_score.view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)  # [Hq, T, d]
-        out = attend(q, cache, layer, pos, q_score)  # [Hq, T, d]
-        return project(out.transpose(0, 1).reshape(num_tokens, -1), self.o_proj, residual=h,
-                       residual_scale=residual_scale)
+        out = attend(q, cache, layer, pos, q_score, record)  # [Hq, T, d]
+        return self.o_proj(out.transpose(0, 1).reshape(num_tokens, -1), residual=h, residual_scale=residual_scale)
 
 
 class MLP(nn.Module):
@@ -102,18 +74,18 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def fuse(self) -> None:
-        self.gate_up_proj = _fuse_linears(self.gate_proj, self.up_proj)
+        self.gate_up_proj = Linear.fused(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
     def forward(self, h: torch.Tensor, pre_norm: RMSNorm, residual_scale: float) -> torch.Tensor:
         """The residual stream h [T, hidden] plus residual_scale * down(silu(gate) * up) of pre_norm(h)."""
-        gate_up = project(pre_norm(h), self.gate_up_proj)  # [T, 2 * intermediate]
-        return project(gate_up, self.down_proj, gated=True, residual=h, residual_scale=residual_scale)
+        gate_up = self.gate_up_proj(pre_norm(h))  # [T, 2 * intermediate]
+        return self.down_proj(gate_up, gated=True, residual=h, residual_scale=residual_scale)
 
 
 class DecoderLayer(nn.Module):
@@ -126,9 +98,9 @@ class DecoderLayer(nn.Module):
         self.residual_scale = cfg.residual_scale
 
     def forward(self, h: torch.Tensor, pos: Positions, rope: tuple[torch.Tensor, float], cache: KVCache,
-                layer: int) -> torch.Tensor:
+                layer: int, record: SelectionRecord | None = None) -> torch.Tensor:
         """The residual stream h [T, hidden] after this layer."""
-        h = self.self_attn(h, self.input_layernorm, self.residual_scale, pos, rope, cache, layer)
+        h = self.self_attn(h, self.input_layernorm, self.residual_scale, pos, rope, cache, layer, record)
         return self.mlp(h, self.post_attention_layernorm, self.residual_scale)
 
 
@@ -139,15 +111,13 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope: Rope | None = None  # set by `setup` once the weights are on their device
 
     def setup(self, device: torch.device) -> None:
         """Finish construction on `device` once the checkpoint's weights are in: rope tables, tied embeddings, and the
         q/k/v and gate/up projections fused (one weight read each per token)."""
         self.rope = Rope(self.cfg, device)
-        if device.type == "cuda":  # cuDNN SDPA rebuilds its graph for every new length: 1.7 ms of host time per call
-            torch.backends.cuda.enable_cudnn_sdp(False)
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         for layer in self.layers:
@@ -161,12 +131,13 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1, pos: Positions | None = None,
-                argmax: torch.Tensor | None = None) -> torch.Tensor:
+                argmax: torch.Tensor | None = None, record: SelectionRecord | None = None) -> torch.Tensor:
         """Run tokens [T] at positions cache.length.. and return logits [num_logits, vocab] (float32) of the last ones.
 
         pos: those positions (default: made here). A CUDA graph of a decode-sized pass passes its own buffers and
         replays at other positions (see Positions). argmax: a gemv.argmax_buffer that receives the logits' argmax
-        (one token on CUDA: greedy decoding without leaving the device)."""
+        (one token on CUDA: greedy decoding without leaving the device). record: receives the last layer's sparse
+        selection (stats)."""
         start, num_tokens = cache.length, tokens.shape[0]
         if pos is None:
             pos = Positions.of(start, torch.arange(start, start + num_tokens, device=tokens.device))
@@ -174,10 +145,11 @@ class Transformer(nn.Module):
         h = self.embed_tokens(tokens)  # [T, hidden], the residual stream
         if self.cfg.scale_emb != 1.0:
             h = h * self.cfg.scale_emb
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer(h, pos, rope, cache, i)
+            h = layer(h, pos, rope, cache, i, record if i == last else None)
         cache.length = start + num_tokens
-        logits = project(self.norm(h[-num_logits:]), self.lm_head, argmax=argmax, out_dtype=torch.float32)
+        logits = self.lm_head(self.norm(h[-num_logits:]), argmax=argmax, out_dtype=torch.float32)
         logits = logits.float()  # [num_logits, V]: already float32 from the one-row GEMV
         return logits if self.cfg.logit_scale == 1.0 else logits * self.cfg.logit_scale
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from infer.kernels import rope_append
+from infer.kernels import rope_append as rope_append_kernel
 
 from .config import ModelConfig
 
@@ -61,14 +61,23 @@ class Rope:
 
     def cos_sin(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64 of a sequence of seq_len tokens -> cos, sin [T, head_dim] float32."""
-        return rope_append.cos_sin(positions, *self.scaling(seq_len))
+        return rope_append_kernel.cos_sin(positions, *self.scaling(seq_len))
+
+
+def rope_append(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                **options) -> torch.Tensor:
+    """kernels.rope_append (its kernel on CUDA, its reference elsewhere): q [Hq, T, d] rotated, k and v appended."""
+    run = rope_append_kernel.rope_append if qkv.is_cuda else rope_append_kernel.reference
+    return run(qkv, positions, inv_freq, attention_factor, k_cache, v_cache, num_heads, num_kv_heads, head_dim,
+               **options)
 
 
 def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The inverse of kernels.rope_append.rotate (attention factor included, as cos^2 + sin^2): x [H, T, d] -> fp32
     [H, T, d]."""
     xf = x.float()
-    return (xf * cos - rope_append.rotate_half(xf) * sin) / (cos * cos + sin * sin)
+    return (xf * cos - rope_append_kernel.rotate_half(xf) * sin) / (cos * cos + sin * sin)
 
 
 def _llama3(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:

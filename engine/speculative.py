@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import DECODE_MAX_QUERIES
 from .config import ModelConfig
 from .cuda_graph import GraphedDecode
 from .errors import InferError, ParameterError
@@ -25,7 +26,7 @@ from .tokenizer import Tokenizer
 from .model import prefill, reusable_prefix
 from .weights import load_model
 
-MAX_DRAFT = 7  # drafted tokens per step: k + 1 = 8 verified queries, the most attention's decode path takes at once
+MAX_DRAFT = DECODE_MAX_QUERIES - 1  # drafted tokens per step: the k + 1 queries verified fit the decode path
 LOOKUP_MIN_PROMPT = 1024  # lookup=None turns n-gram lookup on for prompts at least this long
 NGRAM_SIZES = (4, 3, 2)  # lookup tries the longest n-gram first
 
@@ -138,9 +139,7 @@ class DraftModel:
         if ids is None:
             self.model.lm_head = self.full_head
             return
-        head = torch.nn.Linear(self.model.cfg.hidden_size, ids.numel(), bias=False, device="meta")
-        head.weight = torch.nn.Parameter(self.full_head.weight[ids], requires_grad=False)  # [N, hidden]
-        self.model.lm_head = head
+        self.model.lm_head = self.full_head.rows(ids)
 
     def draft(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], torch.Tensor | None]:
         """Up to k tokens following `context`, and at temperature > 0 the probabilities each was drawn from

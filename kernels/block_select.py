@@ -11,17 +11,18 @@ the topk best causal blocks are kept (forced ones first, all forced ones if they
 without a score only when forced. Output: block_idx [Hkv, n_tiles, max_sel] ascending, -1 padded, and
 block_count [Hkv, n_tiles], both int32.
 
-GPU (block_select), three launches and no host sync: pass 1 computes each (head, query) row's log-sum-exp over
-its visible summaries (split over programs when there are few rows, as in decode); pass 2 recomputes the logits
-and writes, per (kv head, t-block of queries, summary), the probabilities summed over the group's heads and maxed
-over the queries; pass 3, one program per (kv head, tile), max-pools those to blocks, forces the sink and window
-blocks (+inf) and keeps the top ones by a radix select on the float bits (ties: lowest block first). Up to
+GPU (block_select), three launches and no host sync, each from a thin launcher over a SelectPlan (the call's
+sizes and grids, computed once from its shape) and a Tuning: pass 1 computes each (head, query) row's log-sum-exp
+over its visible summaries (split over programs when there are few rows, as in decode); pass 2 recomputes the
+logits and writes, per (kv head, t-block of queries, summary), the probabilities summed over the group's heads and
+maxed over the queries; pass 3, one program per (kv head, tile), max-pools those to blocks, forces the sink and
+window blocks (+inf) and keeps the top ones by a radix select on the float bits (ties: lowest block first). Up to
 DECODE_LOGITS_MAX_T queries (decode), pass 1 also stores the logits and pass 3 computes the probabilities from
-them itself: two launches. Decode's single tile also splits pass 3 over chunks of TUNING["select_lanes"] blocks,
-each keeping its own top ones, and the last chunk to finish selects among those (one program per kv head took
-18.8 us per layer at 128K on an H100). Speculative verification (per_query) runs those two launches for all its
-queries at once, each query at its own start as if alone. On CPU the engine uses reference_scores and
-select_blocks, the same selection in plain torch.
+them itself: two launches. Decode's single tile also splits pass 3 over chunks of tuning.select_lanes blocks,
+each keeping its own top ones, and the last chunk to finish selects among those (a counter per tile in the
+caller's `tickets`). Speculative verification (per_query) runs those two launches for all its queries at once,
+each query at its own start as if alone. On CPU the engine uses reference_scores and select_blocks, the same
+selection in plain torch.
 
 The kernels read q_start from a device int32 [1] tensor and derive the live counts (summaries, blocks, each split's
 share of the summaries) from it. The host sizes grids and scratch either to the live counts (an int q_start) or to
@@ -29,8 +30,8 @@ capacities (a tensor q_start, decode: a CUDA graph captured once replays at any 
 the live ones do no work and select nothing, so both give the same bits.
 """
 
-import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -38,9 +39,7 @@ import triton.language as tl
 
 from infer.kernels import pdl
 from infer.kernels.pool_keys import num_summaries, num_summaries_on_device
-
-_TARGET_PROGRAMS = 256  # split the summaries over programs until about this many run (decode)
-
+from infer.kernels.sparse_decode import MAX_QUERIES
 
 def max_selected(topk: int = 64, window: int = 2048, block_size: int = 64, q_tile: int = 64, init_blocks: int = 1) -> int:
     """Width of block_idx: topk, or the most forced blocks a query tile can have if that is larger."""
@@ -104,16 +103,6 @@ def reference(
             block_idx[g, i, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
             block_count[g, i] = len(chosen)
     return block_idx, block_count
-
-
-# Tuning of the GPU pipeline (H100): rows (head, query pairs) per program, summaries per step, warps and pipeline
-# stages of pass 1 (lse_*) and pass 2 (col_*); rows head-major (r = head*BLOCK_T + query) or query-major; bits
-# per radix step and blocks per program of pass 3 in decode (512: 6342 us per decode step at 128K, 1024: 6405, 256:
-# 6363, one program per kv head: 6612).
-TUNING = dict(lse_rows=128, lse_block_c=64, lse_warps=4, col_rows=128, col_block_c=64, col_warps=4, num_stages=3,
-              head_major=True, radix_bits=4, select_lanes=512)
-TICKETS = 4096  # (kv head, tile) pairs a chunked select may have
-DECODE_LOGITS_MAX_T = 16  # up to this many queries pass 1 stores its logits and pass 3 reads them (no pass 2)
 
 
 @triton.jit
@@ -340,14 +329,6 @@ def _store_selection(idx_ptr, cnt_ptr, blocks, chosen, slot, n_sel, MAX_SEL: tl.
     tl.store(cnt_ptr, n_sel)
 
 
-@functools.cache
-def _tickets(device: torch.device) -> torch.Tensor:
-    """The device's zeroed int32 [TICKETS] counters for `_last_to_finish`, one per (kv head, tile) of a chunked
-    select. Each is 0 between launches, and select kernels never run at the same time (one stream, each after
-    `pdl.enter`), so they share one buffer."""
-    return torch.zeros(TICKETS, dtype=torch.int32, device=device)
-
-
 @triton.jit
 def _last_to_finish(counter_ptr, n_programs):
     """Whether this program is the last of the n_programs sharing *counter_ptr to call this, after storing what
@@ -362,62 +343,26 @@ def _last_to_finish(counter_ptr, n_programs):
 
 
 @triton.jit
-def _select_kernel(
-    col_ptr, x_ptr, lse_ptr, score_ptr, idx_ptr, cnt_ptr, cand_ptr, ticket_ptr, start_ptr, T, lse_splits,
-    stride_ch, stride_ct, stride_xh, stride_xt, stride_lh, stride_lt, stride_sh, stride_st, stride_ih, stride_it,
-    stride_nh,
-    G: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
-    BLOCK_T: tl.constexpr, TB_PER_TILE: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
-    WINDOW: tl.constexpr, MAX_SEL: tl.constexpr, N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr,
-    N_CHUNKS: tl.constexpr, BLOCK_SEL: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_S: tl.constexpr, LSE_BLOCK_C: tl.constexpr, FROM_LOGITS: tl.constexpr, STORE_SCORES: tl.constexpr,
-    PER_QUERY: tl.constexpr, PDL: tl.constexpr,
-):
-    """Pass 3, per (kv head, query tile, chunk of BLOCK_NB blocks): block scores (max over the overlapping
-    summaries and the tile's t-blocks), forced blocks set to +inf, the top max(topk, forced) kept (`_top`).
-    FROM_LOGITS (a few queries, one tile): the summary scores come straight from pass 1's logits and log-sum-exp
-    partials, and there is no pass 2. With N_CHUNKS > 1 each chunk writes its top ones as candidates (keys and
-    blocks, ascending, -1 padded); the last one to finish (`_last_to_finish`) picks the top of
-    all candidates: exact, since each of the overall top ones is among its chunk's top ones. PER_QUERY (with
-    FROM_LOGITS): axis 1 is the query, selecting as a call with T = 1 at its own start; outputs go to row `row`."""
-    pdl.enter(PDL)
-    g, row, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    query, i = _query_and_block(PER_QUERY)  # i: the tile within the call
-    q_start = tl.load(start_ptr + query)
-    x_ptr += query * stride_xt
-    lse_ptr += query * stride_lt
-    b = chunk * BLOCK_NB + tl.arange(0, BLOCK_NB)  # blocks from cdiv(q_start + T, BLOCK_SIZE) on: no score, not forced
-    c_first = tl.maximum(b * BLOCK_SIZE - KERNEL + STRIDE, 0) // STRIDE  # first summary overlapping block b
+def _chunk_blocks(chunk, BLOCK_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr, KERNEL: tl.constexpr,
+                  STRIDE: tl.constexpr):
+    """The blocks of one chunk of pass 3 [BLOCK_NB] and, per block, the first and last summary overlapping it."""
+    b = chunk * BLOCK_NB + tl.arange(0, BLOCK_NB)
+    c_first = tl.maximum(b * BLOCK_SIZE - KERNEL + STRIDE, 0) // STRIDE
     c_last = ((b + 1) * BLOCK_SIZE - 1) // STRIDE
-    score = tl.full([BLOCK_NB], float("-inf"), tl.float32)
-    if FROM_LOGITS:
-        hl = tl.arange(0, BLOCK_G)  # the group's heads
-        offs_s = tl.arange(0, BLOCK_S)
-        _, n_lse = _splits(q_start, T, lse_splits, KERNEL, STRIDE, LSE_BLOCK_C)
-        for t in range(0, T):
-            rows = (g * G + hl) * stride_lh + t * stride_lt  # [BLOCK_G]
-            parts = tl.load(lse_ptr + rows[:, None] + offs_s[None, :],
-                            mask=(hl < G)[:, None] & (offs_s < n_lse)[None, :], other=float("-inf"))
-            lse = tl.where(hl < G, _merge_lse(parts), float("inf"))  # padding heads: probability 0
-            x_rows = x_ptr + (g * G + hl) * stride_xh + t * stride_xt  # [BLOCK_G]
-            n_vis = _n_visible(q_start + t, KERNEL, STRIDE)
-            for j in tl.static_range(N_OVERLAP):
-                c = c_first + j
-                seen = (c <= c_last) & (c < n_vis)  # [BLOCK_NB]
-                x = tl.load(x_rows[None, :] + c[:, None], mask=seen[:, None] & (hl < G)[None, :],
-                            other=float("-inf"))  # [BLOCK_NB, BLOCK_G] logits, log2 domain
-                prob = tl.sum(tl.exp2(x - lse[None, :]), axis=1)  # summed over the group's heads
-                score = tl.maximum(score, tl.where(seen, prob, float("-inf")))
-    else:
-        for k in tl.static_range(TB_PER_TILE):
-            tb = i * (Q_TILE // BLOCK_T) + k
-            p_last = q_start + tl.minimum(tb * BLOCK_T + BLOCK_T, T) - 1
-            n_vis = tl.where(tb * BLOCK_T < T, _n_visible(p_last, KERNEL, STRIDE), 0)
-            for j in tl.static_range(N_OVERLAP):
-                c = c_first + j
-                v = tl.load(col_ptr + g * stride_ch + tb * stride_ct + c, mask=(c <= c_last) & (c < n_vis),
-                            other=float("-inf"))
-                score = tl.maximum(score, v)
+    return b, c_first, c_last
+
+
+@triton.jit
+def _keep_top(score, b, q_start, T, i, score_ptr, idx_ptr, cnt_ptr, cand_ptr, ticket_ptr, g, row, chunk,
+              stride_sh, stride_st, stride_ih, stride_it, stride_nh,
+              BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
+              WINDOW: tl.constexpr, MAX_SEL: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_SEL: tl.constexpr,
+              RADIX_BITS: tl.constexpr, STORE_SCORES: tl.constexpr):
+    """Pass 3's common tail for the block scores [BLOCK_NB] of tile i (output row `row`): optionally store them,
+    force the sink and window blocks (+inf), keep the top max(topk, forced) (`_top`) and store them with their
+    count; with N_CHUNKS > 1 store them as this chunk's candidates (keys and blocks, ascending, -1 padded), and the
+    last chunk to finish (`_last_to_finish`) keeps the top of all candidates: exact, since each of the overall top
+    ones is among its chunk's top ones."""
     if STORE_SCORES:
         tl.store(score_ptr + g * stride_sh + row * stride_st + b, score, mask=b * BLOCK_SIZE < q_start + T)
     p_lo = q_start + i * Q_TILE
@@ -447,10 +392,235 @@ def _select_kernel(
             _store_selection(idx_ptr, cnt_ptr, cand_blocks, top, top_slot, n_top, MAX_SEL, BLOCK_SEL)
 
 
-def _max_splits(programs: int) -> int:
-    """Runs of whole chunks the live summaries are cut into (the kernels size them), so that about
-    _TARGET_PROGRAMS programs run."""
-    return max(1, _TARGET_PROGRAMS // programs)
+@triton.jit
+def _select_from_logits_kernel(
+    x_ptr, lse_ptr, score_ptr, idx_ptr, cnt_ptr, cand_ptr, ticket_ptr, start_ptr, T, lse_splits,
+    stride_xh, stride_xt, stride_lh, stride_lt, stride_sh, stride_st, stride_ih, stride_it, stride_nh,
+    G: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
+    TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr, WINDOW: tl.constexpr, MAX_SEL: tl.constexpr,
+    N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_SEL: tl.constexpr,
+    RADIX_BITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, LSE_BLOCK_C: tl.constexpr,
+    STORE_SCORES: tl.constexpr, PER_QUERY: tl.constexpr, PDL: tl.constexpr,
+):
+    """Pass 3 of a decode-sized call (one tile), per (kv head, tile or query, chunk of BLOCK_NB blocks): the summary
+    scores straight from pass 1's logits and log-sum-exp partials (no pass 2), maxed over each block's summaries
+    and the queries, then `_keep_top`. PER_QUERY: axis 1 is the query, selecting as a call with T = 1 at its own
+    start; its outputs go to row `row`."""
+    pdl.enter(PDL)
+    g, row, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    query, i = _query_and_block(PER_QUERY)  # i: the tile within the call
+    q_start = tl.load(start_ptr + query)
+    x_ptr += query * stride_xt
+    lse_ptr += query * stride_lt
+    b, c_first, c_last = _chunk_blocks(chunk, BLOCK_NB, BLOCK_SIZE, KERNEL, STRIDE)
+    score = tl.full([BLOCK_NB], float("-inf"), tl.float32)
+    hl = tl.arange(0, BLOCK_G)  # the group's heads
+    offs_s = tl.arange(0, BLOCK_S)
+    _, n_lse = _splits(q_start, T, lse_splits, KERNEL, STRIDE, LSE_BLOCK_C)
+    for t in range(0, T):
+        rows = (g * G + hl) * stride_lh + t * stride_lt  # [BLOCK_G]
+        parts = tl.load(lse_ptr + rows[:, None] + offs_s[None, :],
+                        mask=(hl < G)[:, None] & (offs_s < n_lse)[None, :], other=float("-inf"))
+        lse = tl.where(hl < G, _merge_lse(parts), float("inf"))  # padding heads: probability 0
+        x_rows = x_ptr + (g * G + hl) * stride_xh + t * stride_xt  # [BLOCK_G]
+        n_vis = _n_visible(q_start + t, KERNEL, STRIDE)
+        for j in tl.static_range(N_OVERLAP):
+            c = c_first + j
+            seen = (c <= c_last) & (c < n_vis)  # [BLOCK_NB]
+            x = tl.load(x_rows[None, :] + c[:, None], mask=seen[:, None] & (hl < G)[None, :],
+                        other=float("-inf"))  # [BLOCK_NB, BLOCK_G] logits, log2 domain
+            prob = tl.sum(tl.exp2(x - lse[None, :]), axis=1)  # summed over the group's heads
+            score = tl.maximum(score, tl.where(seen, prob, float("-inf")))
+    _keep_top(score, b, q_start, T, i, score_ptr, idx_ptr, cnt_ptr, cand_ptr, ticket_ptr, g, row, chunk,
+              stride_sh, stride_st, stride_ih, stride_it, stride_nh, BLOCK_SIZE, Q_TILE, TOPK, INIT_BLOCKS, WINDOW,
+              MAX_SEL, N_CHUNKS, BLOCK_SEL, RADIX_BITS, STORE_SCORES)
+
+
+@triton.jit
+def _select_from_columns_kernel(
+    col_ptr, score_ptr, idx_ptr, cnt_ptr, start_ptr, T,
+    stride_ch, stride_ct, stride_sh, stride_st, stride_ih, stride_it, stride_nh,
+    KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, Q_TILE: tl.constexpr,
+    BLOCK_T: tl.constexpr, TB_PER_TILE: tl.constexpr, TOPK: tl.constexpr, INIT_BLOCKS: tl.constexpr,
+    WINDOW: tl.constexpr, MAX_SEL: tl.constexpr, N_OVERLAP: tl.constexpr, BLOCK_NB: tl.constexpr,
+    BLOCK_SEL: tl.constexpr, RADIX_BITS: tl.constexpr, STORE_SCORES: tl.constexpr, PDL: tl.constexpr,
+):
+    """Pass 3 of a prefill call, one program per (kv head, tile): pass 2's summary scores maxed over each block's
+    summaries and the tile's t-blocks, then `_keep_top`."""
+    pdl.enter(PDL)
+    g, i = tl.program_id(0), tl.program_id(1)
+    q_start = tl.load(start_ptr)
+    b, c_first, c_last = _chunk_blocks(0, BLOCK_NB, BLOCK_SIZE, KERNEL, STRIDE)
+    score = tl.full([BLOCK_NB], float("-inf"), tl.float32)
+    for k in tl.static_range(TB_PER_TILE):
+        tb = i * (Q_TILE // BLOCK_T) + k
+        p_last = q_start + tl.minimum(tb * BLOCK_T + BLOCK_T, T) - 1
+        n_vis = tl.where(tb * BLOCK_T < T, _n_visible(p_last, KERNEL, STRIDE), 0)
+        for j in tl.static_range(N_OVERLAP):
+            c = c_first + j
+            v = tl.load(col_ptr + g * stride_ch + tb * stride_ct + c, mask=(c <= c_last) & (c < n_vis),
+                        other=float("-inf"))
+            score = tl.maximum(score, v)
+    _keep_top(score, b, q_start, T, i, score_ptr, idx_ptr, cnt_ptr, idx_ptr, idx_ptr, g, i, 0,
+              stride_sh, stride_st, stride_ih, stride_it, stride_nh, BLOCK_SIZE, Q_TILE, TOPK, INIT_BLOCKS, WINDOW,
+              MAX_SEL, 1, BLOCK_SEL, RADIX_BITS, STORE_SCORES)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch settings of the GPU pipeline: rows (head, query pairs) per program, summaries per step, warps and
+    pipeline stages of pass 1 (lse_*) and pass 2 (col_*); rows head-major (r = head*BLOCK_T + query) or
+    query-major; bits per radix step, and blocks per program of pass 3 in decode; the programs pass 1 and 2 split
+    the summaries for (decode). Measured on the H100 and H200: BENCHMARKS.md."""
+
+    lse_rows: int = 128
+    lse_block_c: int = 64
+    lse_warps: int = 4
+    col_rows: int = 128
+    col_block_c: int = 64
+    col_warps: int = 4
+    num_stages: int = 3
+    head_major: bool = True
+    radix_bits: int = 4
+    select_lanes: int = 512
+    target_programs: int = 256
+
+
+TUNING = Tuning()
+
+
+def new_tickets(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 [TICKETS] counters for a chunked select (`_last_to_finish`), one per (kv head, tile). Each is 0
+    again after every call, so one buffer serves the calls of one stream, one at a time: its owner (the KV cache,
+    the benchmark) passes it to every call."""
+    return torch.zeros(TICKETS, dtype=torch.int32, device=device)
+
+
+@dataclass(frozen=True)
+class SelectPlan:
+    """The sizes, grids and launch settings of a block_select call, computed once from its shape."""
+
+    Hkv: int
+    G: int
+    d: int
+    queries: int  # the rows of q; T: the queries of one call (1 with per_query)
+    T: int
+    per_query: bool
+    C16: int  # scratch columns: the summaries, rounded up to 16 so that Triton compiles one kernel for any sizing
+    n_blocks: int
+    n_tiles: int  # rows of the outputs
+    max_sel: int
+    from_logits: bool  # a few queries: pass 1 stores its logits and pass 3 reads them (no pass 2)
+    shape: dict  # the kernels' shared constexprs (G, D, KERNEL, STRIDE, BLOCK_G, BLOCK_D, HEAD_MAJOR)
+    lse_block_t: int
+    lse_splits: int
+    lse_grid: tuple
+    col_block_t: int
+    col_splits: int
+    col_grid: tuple
+    block_s: int  # lanes holding pass 1's partials
+    block_nb: int  # blocks per program of pass 3
+    n_chunks: int
+    block_sel: int
+
+
+DECODE_LOGITS_MAX_T = 16  # up to this many queries pass 1 stores its logits and pass 3 reads them (no pass 2)
+TICKETS = 4096  # (kv head, tile) pairs a chunked select may have
+
+
+def plan(Hq: int, Hkv: int, d: int, queries: int, per_query: bool, L: int, kernel: int, stride: int,
+         block_size: int, q_tile: int, topk: int, init_blocks: int, window: int, tuning: Tuning) -> SelectPlan:
+    """The plan of a call with `queries` queries over L keys (the live count, or the capacity: see block_select)."""
+    T = 1 if per_query else queries  # per_query: every size below is a one-query call's
+    G = Hq // Hkv
+    C, n_blocks = num_summaries(L, kernel, stride), triton.cdiv(L, block_size)
+    BLOCK_G = triton.next_power_of_2(G)
+    min_t = 16 // min(BLOCK_G, 16)  # tl.dot needs 16 rows
+    max_splits = lambda programs: max(1, tuning.target_programs // programs)
+    # pass 1: rows = BLOCK_G heads x lse_block_t queries; the summaries split when there are few rows (decode)
+    lse_block_t = max(min(triton.next_power_of_2(T), tuning.lse_rows // BLOCK_G), min_t)
+    lse_tb = triton.cdiv(T, lse_block_t)
+    lse_splits = max_splits(Hkv * lse_tb)
+    lse_grid = (Hkv, queries if per_query else lse_tb, min(lse_splits, triton.cdiv(max(C, 1), tuning.lse_block_c)))
+    # pass 2: t-blocks inside one query tile; col [Hkv, col_tb, C]
+    col_block_t = max(min(q_tile, triton.next_power_of_2(T), tuning.col_rows // BLOCK_G), min_t)
+    col_tb = triton.cdiv(T, col_block_t)
+    col_splits = max_splits(Hkv * col_tb)
+    col_grid = (Hkv, col_tb, min(col_splits, triton.cdiv(max(C, 1), tuning.col_block_c)))
+    # pass 3: one program per (kv head, tile or query, chunk of the blocks); chunks only from logits (one tile)
+    from_logits = T <= DECODE_LOGITS_MAX_T
+    max_sel = max_selected(topk, window, block_size, q_tile, init_blocks)
+    lanes = max(16, triton.next_power_of_2(n_blocks))
+    block_nb = min(lanes, tuning.select_lanes) if from_logits else lanes
+    n_tiles = queries if per_query else triton.cdiv(T, q_tile)
+    assert n_blocks < 65536 and (lanes == block_nb or Hkv * n_tiles <= TICKETS)
+    return SelectPlan(
+        Hkv=Hkv, G=G, d=d, queries=queries, T=T, per_query=per_query, C16=triton.cdiv(max(C, 1), 16) * 16,
+        n_blocks=n_blocks, n_tiles=n_tiles, max_sel=max_sel, from_logits=from_logits,
+        shape=dict(G=G, D=d, KERNEL=kernel, STRIDE=stride, BLOCK_G=BLOCK_G, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                   HEAD_MAJOR=tuning.head_major),
+        lse_block_t=lse_block_t, lse_splits=lse_splits, lse_grid=lse_grid, col_block_t=col_block_t,
+        col_splits=col_splits, col_grid=col_grid, block_s=max(2, triton.next_power_of_2(lse_splits)),
+        block_nb=block_nb, n_chunks=lanes // block_nb, block_sel=triton.next_power_of_2(max_sel))
+
+
+def _log_sum_exp_pass(p: SelectPlan, tuning: Tuning, q, summaries, start, qk_scale):
+    """Pass 1: (lse [Hq, queries, lse_splits] partial log2-sum-exp2s, logits [Hq, queries, C16] when from_logits)."""
+    dev = q.device
+    logits = torch.empty((p.Hkv * p.G, p.queries, p.C16) if p.from_logits else (1, 1, 1), dtype=torch.float32,
+                         device=dev)
+    lse = torch.empty((p.Hkv * p.G, p.queries, p.lse_splits), dtype=torch.float32, device=dev)
+    _lse_kernel[p.lse_grid](
+        q, summaries, lse, logits, start, p.T, p.lse_splits, qk_scale, q.stride(0), q.stride(1), summaries.stride(0),
+        summaries.stride(1), lse.stride(0), lse.stride(1), logits.stride(0), logits.stride(1), **p.shape,
+        BLOCK_T=p.lse_block_t, BLOCK_C=tuning.lse_block_c, STORE_LOGITS=p.from_logits, PER_QUERY=p.per_query,
+        num_warps=tuning.lse_warps, num_stages=tuning.num_stages, **pdl.launch(dev),
+    )
+    return lse, logits
+
+
+def _column_pass(p: SelectPlan, tuning: Tuning, q, summaries, start, lse, qk_scale) -> torch.Tensor:
+    """Pass 2: col [Hkv, t-blocks, C16], each summary's probability summed over the heads, maxed over the t-block."""
+    col = torch.empty((p.Hkv, p.col_grid[1], p.C16), dtype=torch.float32, device=q.device)
+    _column_kernel[p.col_grid](
+        q, summaries, lse, col, start, p.T, p.col_splits, p.lse_splits, qk_scale, q.stride(0), q.stride(1),
+        summaries.stride(0), summaries.stride(1), lse.stride(0), lse.stride(1), col.stride(0), col.stride(1),
+        **p.shape, BLOCK_T=p.col_block_t, BLOCK_C=tuning.col_block_c, BLOCK_S=p.block_s,
+        LSE_BLOCK_C=tuning.lse_block_c, num_warps=tuning.col_warps, num_stages=tuning.num_stages,
+        **pdl.launch(q.device),
+    )
+    return col
+
+
+def _select_pass(p: SelectPlan, tuning: Tuning, geometry: dict, start, lse, logits, col, scores, tickets):
+    """Pass 3: (block_idx [Hkv, n_tiles, max_sel], block_count [Hkv, n_tiles])."""
+    dev = lse.device
+    block_idx = torch.empty((p.Hkv, p.n_tiles, p.max_sel), dtype=torch.int32, device=dev)
+    block_count = torch.empty((p.Hkv, p.n_tiles), dtype=torch.int32, device=dev)
+    out = block_idx if scores is None else scores  # the block scores, when asked for
+    common = dict(BLOCK_SIZE=geometry["block_size"], Q_TILE=geometry["q_tile"], TOPK=geometry["topk"],
+                  INIT_BLOCKS=geometry["init_blocks"], WINDOW=geometry["window"], MAX_SEL=p.max_sel,
+                  N_OVERLAP=(geometry["block_size"] + geometry["kernel"] - 2) // geometry["stride"] + 1,
+                  BLOCK_NB=p.block_nb, BLOCK_SEL=p.block_sel, RADIX_BITS=tuning.radix_bits,
+                  STORE_SCORES=scores is not None, num_warps=min(8, max(4, p.block_nb // 256)), **pdl.launch(dev))
+    strides = (out.stride(0), out.stride(1), block_idx.stride(0), block_idx.stride(1), block_count.stride(0))
+    if p.from_logits:
+        assert p.n_chunks == 1 or tickets is not None, "a chunked select needs the caller's tickets (new_tickets)"
+        candidates = torch.empty((p.Hkv, p.n_tiles, 2, p.n_chunks, p.block_sel) if p.n_chunks > 1 else (1,),
+                                 dtype=torch.int32, device=dev)  # keys, then blocks
+        _select_from_logits_kernel[(p.Hkv, p.n_tiles, p.n_chunks)](
+            logits, lse, out, block_idx, block_count, candidates, block_count if tickets is None else tickets,
+            start, p.T, p.lse_splits, logits.stride(0), logits.stride(1), lse.stride(0), lse.stride(1), *strides,
+            G=p.G, KERNEL=geometry["kernel"], STRIDE=geometry["stride"], N_CHUNKS=p.n_chunks, BLOCK_G=p.shape["BLOCK_G"],
+            BLOCK_S=p.block_s, LSE_BLOCK_C=tuning.lse_block_c, PER_QUERY=p.per_query, **common,
+        )
+    else:
+        _select_from_columns_kernel[(p.Hkv, p.n_tiles)](
+            col, out, block_idx, block_count, start, p.T, col.stride(0), col.stride(1), *strides,
+            KERNEL=geometry["kernel"], STRIDE=geometry["stride"], BLOCK_T=p.col_block_t,
+            TB_PER_TILE=min(geometry["q_tile"] // p.col_block_t, p.col_grid[1]), **common,
+        )
+    return block_idx, block_count
 
 
 def block_select(
@@ -458,120 +628,63 @@ def block_select(
     kernel: int = 32, stride: int = 16, block_size: int = 64, q_tile: int = 64,
     topk: int = 64, init_blocks: int = 1, window: int = 2048, sm_scale: float | None = None,
     scores: torch.Tensor | None = None, max_len: int | None = None, per_query: bool = False,
+    tickets: torch.Tensor | None = None, tuning: Tuning = TUNING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `reference`: q [Hq, T, d], summaries [Hkv, max_summaries, d] ->
     (block_idx [Hkv, n_tiles, max_sel], block_count [Hkv, n_tiles]), two or three launches (module doc), no host
     sync.
 
-    q_start: int, or int32 [1] tensor on q's device for decode (T <= 8, one tile); the kernels read it from the
+    q_start: int, or int32 [1] tensor on q's device for decode-sized calls (one tile); the kernels read it from the
     device either way. An int sizes the grids and scratch to the live keys L = q_start + T. A tensor's value is
     never read on the host (CUDA-graph friendly): they are sized to the capacity L_cap = min(max_len,
     max_summaries * stride + kernel - 1) (the most keys whose windows fit in summaries), and the caller
     guarantees q_start + T <= L_cap. Both give the same bits. Pass max_len (the KV cache's length) with a tensor:
     131072 keys have 8191 summaries, which alone allow 131087 keys (2049 blocks: twice the select's work).
     When given, scores [Hkv, n_tiles, cdiv(L or L_cap, block_size)] fp32 receives reference_scores' block scores
-    in its first cdiv(L, block_size) columns.
+    in its first cdiv(L, block_size) columns. tickets: new_tickets' buffer, needed when a decode-sized call spans
+    more than tuning.select_lanes blocks.
 
     per_query (speculative verification): q_start is a device int32 [T] tensor of each query's position, and each
     query selects alone, with the bits of a call for it alone (q[:, i:i+1] at q_start[i:i+1]): outputs
     [Hkv, T, max_sel] and [Hkv, T], in the same two launches as one query."""
     Hq, queries, d = q.shape
-    T = 1 if per_query else queries  # per_query: every size below is a one-query call's
     Hkv = summaries.shape[0]
-    G = Hq // Hkv
-    assert Hq == G * Hkv and summaries.shape[2] == d and q.dtype == summaries.dtype
+    assert Hq % Hkv == 0 and summaries.shape[2] == d and q.dtype == summaries.dtype
     assert q.stride(-1) == 1 and summaries.stride(-1) == 1
     assert q_tile >= 16 and q_tile & (q_tile - 1) == 0, "q_tile must be a power of two >= 16"
-    dev = q.device
     L_cap = summaries.shape[1] * stride + kernel - 1
     L_cap = L_cap if max_len is None else min(L_cap, max_len)
     if isinstance(q_start, int):
         assert not per_query, "per_query reads each query's start from a device tensor"
-        L = q_start + T
-        assert L <= L_cap
-        start = torch.full((1,), q_start, dtype=torch.int32, device=dev)
+        assert q_start + queries <= L_cap
+        L, start = q_start + queries, torch.full((1,), q_start, dtype=torch.int32, device=q.device)
     else:
-        assert queries <= 8 and T <= q_tile, "a device q_start is for decode: T <= 8 queries in one tile"
+        assert queries <= MAX_QUERIES and (per_query or queries <= q_tile), "a device q_start is for one decode tile"
         assert q_start.shape == (queries if per_query else 1,), "per_query: one start per query, else one"
-        assert q_start.dtype == torch.int32 and q_start.device == dev
+        assert q_start.dtype == torch.int32 and q_start.device == q.device
         L, start = L_cap, q_start
-    C, n_blocks = num_summaries(L, kernel, stride), triton.cdiv(L, block_size)
-    n_tiles = queries if per_query else triton.cdiv(T, q_tile)  # rows of the outputs
-    assert n_blocks < 65536
-    qk_scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * 1.4426950408889634  # log2 domain
-    # The kernels compute every count from start; the sizes reach them only as grids and as strides of the fp32
-    # scratch, rounded to multiples of 16 so that Triton (specializing on divisibility by 16) compiles the same
-    # kernels, which compute the same bits, whatever the sizing.
-    cfg, C16 = TUNING, triton.cdiv(max(C, 1), 16) * 16
-    BLOCK_G, BLOCK_D = triton.next_power_of_2(G), max(16, triton.next_power_of_2(d))
-    min_t = 16 // min(BLOCK_G, 16)  # tl.dot needs 16 rows
-    shape = dict(G=G, D=d, KERNEL=kernel, STRIDE=stride, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
-                 HEAD_MAJOR=cfg["head_major"])
-    strides = (q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1))
-    from_logits = T <= DECODE_LOGITS_MAX_T
-    logits = torch.empty((Hq, queries, C16) if from_logits else (1, 1, 1), dtype=torch.float32, device=dev)  # [Hq, T, C]
-    # Pass 1: rows = BLOCK_G heads x BLOCK_T queries; split the summaries when there are few rows (decode).
-    BLOCK_T = max(min(triton.next_power_of_2(T), cfg["lse_rows"] // BLOCK_G), min_t)
-    n_tb = triton.cdiv(T, BLOCK_T)
-    lse_splits = _max_splits(Hkv * n_tb)
-    lse = torch.empty((Hq, queries, lse_splits), dtype=torch.float32, device=dev)  # [Hq, T, lse_splits] partial, log2
-    _lse_kernel[(Hkv, queries if per_query else n_tb, min(lse_splits, triton.cdiv(max(C, 1), cfg["lse_block_c"])))](
-        q, summaries, lse, logits, start, T, lse_splits, qk_scale, *strides, lse.stride(0), lse.stride(1),
-        logits.stride(0), logits.stride(1), **shape, BLOCK_T=BLOCK_T, BLOCK_C=cfg["lse_block_c"],
-        STORE_LOGITS=from_logits, PER_QUERY=per_query, num_warps=cfg["lse_warps"], num_stages=cfg["num_stages"], **pdl.launch(dev),
-    )
-    # Pass 2 (not with from_logits: pass 3 reads pass 1's logits): t-blocks inside one query tile; col [Hkv, n_tb,
-    # C], written where seen by the t-block's last query.
-    BLOCK_T = max(min(q_tile, triton.next_power_of_2(T), cfg["col_rows"] // BLOCK_G), min_t)
-    n_tb = triton.cdiv(T, BLOCK_T)
-    BLOCK_S = max(2, triton.next_power_of_2(lse_splits))
-    col = torch.empty((Hkv, n_tb, 1 if from_logits else C16), dtype=torch.float32, device=dev)
-    if not from_logits:
-        col_splits = _max_splits(Hkv * n_tb)
-        _column_kernel[(Hkv, n_tb, min(col_splits, triton.cdiv(max(C, 1), cfg["col_block_c"])))](
-            q, summaries, lse, col, start, T, col_splits, lse_splits, qk_scale, *strides,
-            lse.stride(0), lse.stride(1), col.stride(0), col.stride(1), **shape, BLOCK_T=BLOCK_T,
-            BLOCK_C=cfg["col_block_c"], BLOCK_S=BLOCK_S, LSE_BLOCK_C=cfg["lse_block_c"], num_warps=cfg["col_warps"],
-            num_stages=cfg["num_stages"], **pdl.launch(dev),
-        )
-    # Pass 3: one program per (kv head, tile or per_query query, chunk of the blocks); chunks only with from_logits
-    # (one tile).
-    max_sel = max_selected(topk, window, block_size, q_tile, init_blocks)
-    block_idx = torch.empty((Hkv, n_tiles, max_sel), dtype=torch.int32, device=dev)
-    block_count = torch.empty((Hkv, n_tiles), dtype=torch.int32, device=dev)
+    geometry = dict(kernel=kernel, stride=stride, block_size=block_size, q_tile=q_tile, topk=topk,
+                    init_blocks=init_blocks, window=window)
+    p = plan(Hq, Hkv, d, queries, per_query, L, **geometry, tuning=tuning)
     if scores is not None:
-        assert scores.shape == (Hkv, n_tiles, n_blocks) and scores.dtype == torch.float32 and scores.stride(2) == 1
-    out = col if scores is None else scores
-    lanes = max(16, triton.next_power_of_2(n_blocks))
-    BLOCK_NB = min(lanes, cfg["select_lanes"]) if from_logits else lanes
-    n_chunks, BLOCK_SEL = lanes // BLOCK_NB, triton.next_power_of_2(max_sel)
-    candidates = torch.empty((Hkv, n_tiles, 2, n_chunks, BLOCK_SEL) if n_chunks > 1 else (1,), dtype=torch.int32,
-                             device=dev)  # keys, then blocks
-    assert n_chunks == 1 or Hkv * n_tiles <= TICKETS
-    _select_kernel[(Hkv, n_tiles, n_chunks)](
-        col, logits, lse, out, block_idx, block_count, candidates, _tickets(dev), start, T, lse_splits,
-        col.stride(0), col.stride(1), logits.stride(0), logits.stride(1), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), block_idx.stride(0), block_idx.stride(1), block_count.stride(0),
-        G=G, KERNEL=kernel, STRIDE=stride, BLOCK_SIZE=block_size, Q_TILE=q_tile, BLOCK_T=BLOCK_T,
-        TB_PER_TILE=min(q_tile // BLOCK_T, n_tb), TOPK=topk, INIT_BLOCKS=init_blocks, WINDOW=window,
-        MAX_SEL=max_sel, N_OVERLAP=(block_size + kernel - 2) // stride + 1, BLOCK_NB=BLOCK_NB, N_CHUNKS=n_chunks,
-        BLOCK_SEL=BLOCK_SEL, RADIX_BITS=cfg["radix_bits"], BLOCK_G=BLOCK_G, BLOCK_S=BLOCK_S,
-        LSE_BLOCK_C=cfg["lse_block_c"], FROM_LOGITS=from_logits, STORE_SCORES=scores is not None,
-        PER_QUERY=per_query, num_warps=min(8, max(4, BLOCK_NB // 256)),  # H100/H200: 8 beat 4 at 2048 blocks, 16 at 2048 and 4096
-        **pdl.launch(dev),
-    )
-    return block_idx, block_count
+        assert scores.shape == (Hkv, p.n_tiles, p.n_blocks) and scores.dtype == torch.float32 and scores.stride(2) == 1
+    qk_scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * 1.4426950408889634  # log2 domain
+    lse, logits = _log_sum_exp_pass(p, tuning, q, summaries, start, qk_scale)
+    col = None if p.from_logits else _column_pass(p, tuning, q, summaries, start, lse, qk_scale)
+    return _select_pass(p, tuning, geometry, start, lse, logits, col, scores, tickets)
 
 
 def block_scores(
     q: torch.Tensor, summaries: torch.Tensor, q_start: int,
     kernel: int = 32, stride: int = 16, block_size: int = 64, q_tile: int = 64, sm_scale: float | None = None,
+    tuning: Tuning = TUNING,
 ) -> torch.Tensor:
     """Triton version of reference_scores (the block scores block_select ranks): [Hkv, n_tiles, n_blocks] fp32."""
     T, L = q.shape[1], q_start + q.shape[1]
     scores = torch.empty((summaries.shape[0], triton.cdiv(T, q_tile), triton.cdiv(L, block_size)),
                          dtype=torch.float32, device=q.device)
-    block_select(q, summaries, q_start, kernel, stride, block_size, q_tile, sm_scale=sm_scale, scores=scores)
+    block_select(q, summaries, q_start, kernel, stride, block_size, q_tile, sm_scale=sm_scale, scores=scores,
+                 tickets=new_tickets(q.device), tuning=tuning)
     return scores
 
 

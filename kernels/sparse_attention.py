@@ -118,18 +118,20 @@ def reference(q, k_cache, v_cache, q_start, block_idx, block_count, q_tile=64, b
 
 
 def sparse_attention(q, k_cache, v_cache, q_start, block_idx, block_count, q_tile=64, block_size=64,
-                     sm_scale=None, out=None, block_m=64, block_n=64, num_warps=4, num_stages=2):
+                     sm_scale=None, out=None, block_m=64, block_n=None, num_warps=4, num_stages=2):
     """Block-sparse causal attention of q [Hq, T, d] over the cache (semantics: `reference`).
 
     k_cache, v_cache [Hkv, max_len, d]; keys 0..q_start+T-1 must be live. block_idx int32
     [Hkv, n_tiles, max_sel], block_count int32 [Hkv, n_tiles], n_tiles = ceil(T / q_tile).
     Returns o [Hq, T, d] in q's dtype (written into `out` when given). Feeding every causal block
     of each tile gives dense causal attention. block_m/block_n/num_warps/num_stages are tuning knobs:
-    block_m rows of (query, head) pairs per program, block_n keys per step (divides block_size).
+    block_m rows of (query, head) pairs per program, block_n keys per step (divides block_size; default
+    min(64, block_size)).
     """
     Hq, T, d = q.shape
     Hkv = k_cache.shape[0]
     n_tiles = triton.cdiv(T, q_tile)
+    block_n = block_n or min(64, block_size)
     assert Hq % Hkv == 0 and d == triton.next_power_of_2(d) and block_size % block_n == 0
     assert block_idx.shape[:2] == (Hkv, n_tiles) and block_count.shape == (Hkv, n_tiles)
     assert q_start + T <= k_cache.shape[1] and block_idx.stride(2) == 1

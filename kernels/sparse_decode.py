@@ -1,6 +1,6 @@
 """Block-sparse attention for decode and speculative verification (split-K / flash-decoding).
 
-q [Hq, T, d] holds T (1..8) queries at positions L-T..L-1 that share one selection per kv head:
+q [Hq, T, d] holds T (1..MAX_QUERIES) queries at positions L-T..L-1 that share one selection per kv head:
 block_idx [Hkv, 1, max_sel], block_count [Hkv, 1] (the prefill layout with a single tile), or no
 selection at all (dense: every block 0..cdiv(L, block_size)-1). The T queries are causal among
 themselves. Semantics: `reference` (= sparse_attention.reference with q_start = L-T and one tile).
@@ -27,6 +27,7 @@ import triton.language as tl
 
 from infer.kernels import pdl, sparse_attention
 
+MAX_QUERIES = 8  # the most queries one call takes: a decode step, or a speculative verification of 7 drafts
 
 @triton.jit
 def _sparse_decode_split(
@@ -138,8 +139,8 @@ def choose_num_splits(max_sel, n_kv_heads, target_programs):
 
 
 def sparse_decode(q, k_cache, v_cache, L, block_idx=None, block_count=None, block_size=64, sm_scale=None,
-                  out=None, num_splits=None, target_programs=264, block_n=64, num_warps=4, num_stages=3):
-    """Block-sparse attention of T (1..8) queries at positions L-T..L-1 (semantics: `reference`).
+                  out=None, num_splits=None, target_programs=264, block_n=None, num_warps=4, num_stages=3):
+    """Block-sparse attention of T (1..MAX_QUERIES) queries at positions L-T..L-1 (semantics: `reference`).
 
     q [Hq, T, d]; k_cache, v_cache [Hkv, max_len, d] with keys 0..L-1 live. L: int, or int32 [1] tensor on
     q's device whose value the kernels read (never the host: no sync, and a captured CUDA graph replays at
@@ -147,14 +148,15 @@ def sparse_decode(q, k_cache, v_cache, L, block_idx=None, block_count=None, bloc
     [Hkv, 1], the blocks of all T queries, or [Hkv, T, max_sel] and [Hkv, T], each query's own; both None:
     dense, every block 0..cdiv(L, block_size)-1. Returns o [Hq, T, d] in q's dtype
     (into `out` when given). num_splits defaults to choose_num_splits(max_sel, Hkv, target_programs), with
-    max_sel = cdiv(max_len, block_size) in dense mode; target_programs=264 is two programs per SM on an H100.
-    On an H100 (64 blocks selected of 128K keys, one layer, L2 warm) 3 pipeline stages take 7.1 us, 2 take 7.7;
-    264 programs beat 132 and 528, block_n 64 beats 32, 4 warps beat 8.
+    max_sel = cdiv(max_len, block_size) in dense mode; target_programs=264 is two programs per SM on an H100 (the
+    defaults as measured: BENCHMARKS.md).
     """
     Hq, T, d = q.shape
     Hkv, max_len = k_cache.shape[:2]
+    assert T <= MAX_QUERIES
     dense = block_idx is None
     assert dense == (block_count is None)
+    block_n = block_n or min(64, block_size)
     assert Hq % Hkv == 0 and d == triton.next_power_of_2(d) and block_size % block_n == 0
     if dense:
         max_sel = triton.cdiv(max_len, block_size)

@@ -6,6 +6,7 @@ finally `infer bench --attention --check --context 32768,131072` with the fastes
     python3 scripts/tune_block_select.py 2>&1 | tee tune.log
 """
 
+import dataclasses
 import math
 
 import torch
@@ -13,7 +14,8 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 from infer.cli.main import main
-from infer.engine.measure import bench
+from infer.engine.attention import DECODE_Q_TILE
+from infer.engine.measure import compare, layer
 from infer.engine.config import SparseConfig
 from infer.kernels import block_select as bs
 from infer.kernels import pool_keys
@@ -55,54 +57,54 @@ def kernel_times(fn, label, iters=1):
 def run():
     s = SparseConfig()
     n, chunk = 131072, 16384
-    q, k, v = bench.attention_inputs(n, 32, 8, 128, torch.bfloat16, "cuda")
-    summaries = bench.new_summaries(k, s)
+    q, k, v = layer.attention_inputs(n, 32, 8, 128, torch.bfloat16, "cuda")
+    summaries = layer.new_summaries(k, s)
     pool_keys.pool_keys(k, summaries, 0, pool_keys.num_summaries(n), s.kernel_size, s.kernel_stride)
     q1 = q[:, -1:].contiguous()
-    slices = [(q[:, 7168:8192], 7168, s.block_size), (q1, n - 1, bench.DECODE_Q_TILE)]  # the reference materializes [T, blocks, C]
+    slices = [(q[:, 7168:8192], 7168, s.block_size), (q1, n - 1, DECODE_Q_TILE)]  # the reference materializes [T, blocks, C]
     refs = [bs.reference_scores(qs, summaries, start, q_tile=qt) for qs, start, qt in slices]
 
-    def check():
+    def check(tuning):
         out = []
         for (qs, start, qt), ref in zip(slices, refs):
             got = torch.full_like(ref, float("nan"))
-            gi, gc = bs.block_select(qs, summaries, start, q_tile=qt, scores=got)
+            gi, gc = bs.block_select(qs, summaries, start, q_tile=qt, scores=got, tuning=tuning,
+                                     tickets=bs.new_tickets(qs.device))
             ri, rc = bs.select_blocks(ref, start, qs.shape[1], q_tile=qt)
             fin = ref.isfinite()
             ok = not got.isnan().any().item() and torch.equal(fin, got.isfinite())
-            err = bench.rel_err(got[fin], ref[fin]) if ok else math.inf
-            gm, rm = (bench.selection_mask(i, c, ref.shape[2]) for i, c in ((gi, gc), (ri, rc)))
+            err = compare.rel_err(got[fin], ref[fin]) if ok else math.inf
+            gm, rm = (layer.selection_mask(i, c, ref.shape[2]) for i, c in ((gi, gc), (ri, rc)))
             out.append(f"rel err {err:.1e}, overlap {((gm & rm).sum() / rm.sum()).item():.5f}, "
                        f"same counts {torch.equal(gc, rc)}")
         return " | ".join(out)
 
-    def prefill_selection():
+    def prefill_selection(tuning):
         for a in range(0, n, chunk):
-            bench.select_chunk(q[:, a:a + chunk], summaries, a, s)
+            layer.select_chunk(q[:, a:a + chunk], summaries, a, s, tuning)
 
     with torch.inference_mode():
-        base, best, best_ms = dict(bs.TUNING), None, math.inf
+        best, best_ms = bs.TUNING, math.inf
         for name, over in VARIANTS.items():
-            bs.TUNING = dict(base, **over)
+            tuning = dataclasses.replace(bs.TUNING, **over)
             try:
-                t = ms(prefill_selection)
-                print(f"prefill 128K selection [{name}]: {t:.2f} ms; {check()}", flush=True)
-                best, best_ms = (bs.TUNING, t) if t < best_ms else (best, best_ms)
+                t = ms(lambda: prefill_selection(tuning))
+                print(f"prefill 128K selection [{name}]: {t:.2f} ms; {check(tuning)}", flush=True)
+                best, best_ms = (tuning, t) if t < best_ms else (best, best_ms)
             except Exception as e:  # a variant that does not compile: report, go on
                 print(f"prefill 128K selection [{name}] failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-        bs.TUNING = best or base
-        print("fastest prefill tuning:", bs.TUNING, flush=True)
-        kernel_times(prefill_selection, "prefill 128K selection")
+        print("fastest prefill tuning:", best, flush=True)
+        kernel_times(lambda: prefill_selection(best), "prefill 128K selection")
 
-        decode_select = lambda: bench.decode_select(q1, summaries, n, s)
-        decode_step = bench.sparse_decode_step(q1, k, v, summaries, s)
+        tickets = bs.new_tickets(q1.device)
         for programs in (256, 512):
-            bs._TARGET_PROGRAMS = programs
+            tuning = dataclasses.replace(bs.TUNING, target_programs=programs)
+            decode_select = lambda: layer.decode_select(q1, summaries, n, s, tickets=tickets, tuning=tuning)
+            decode_step = layer.sparse_decode_step(q1, k, v, summaries, s, tuning)
             print(f"decode 128K [{programs} programs]: selection eager "
                   f"{1000 * ms(decode_select, 100):.1f} us, graph {1000 * graph_ms(decode_select):.1f} us; "
-                  f"step graph {1000 * graph_ms(decode_step):.1f} us; {check()}", flush=True)
-        bs._TARGET_PROGRAMS = 256
-        kernel_times(decode_step, "decode 128K step", iters=20)
+                  f"step graph {1000 * graph_ms(decode_step):.1f} us; {check(tuning)}", flush=True)
+        kernel_times(layer.sparse_decode_step(q1, k, v, summaries, s), "decode 128K step", iters=20)
     del q, k, v, summaries, q1, slices, refs
     torch.cuda.empty_cache()
     main(["bench", "--attention", "--check", "--context", "32768,131072"])

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-from infer.engine.measure import bench
+from infer.engine.attention import DECODE_Q_TILE
+from infer.engine.measure import bench, compare, layer
 from infer.engine.config import SparseConfig
 from infer.kernels import gemv, pdl
 
@@ -45,7 +46,7 @@ def gemv_table():
         results = [("cublas", per_call_us(F.linear, weights, x[:, :k]), math.nan)]
         for cfg in CONFIGS:
             f = lambda x, w, cfg=cfg: gemv.gemv(x, w, **options, **cfg)
-            results.append((str(cfg), per_call_us(f, weights, x), bench.rel_err(f(x, weights[0]), ref)))
+            results.append((str(cfg), per_call_us(f, weights, x), compare.rel_err(f(x, weights[0]), ref)))
         results.sort(key=lambda r: r[1])
         cublas = next(r for r in results if r[0] == "cublas")
         print(f"--- {name} [{n}x{k}]{' gated' if gated else ''}: cuBLAS (not gated) {cublas[1]:.1f} us = "
@@ -67,15 +68,16 @@ def select_table():
 
     s = SparseConfig()
     for length, capacity in ((32768, 32768 + 144), (131072, 131072 + 144), (131072, 131072)):
-        q, k, _ = bench.attention_inputs(capacity, 32, 8, 128, torch.bfloat16, "cuda")
+        q, k, _ = layer.attention_inputs(capacity, 32, 8, 128, torch.bfloat16, "cuda")
         q = q[:, :1].contiguous()
-        summaries = bench.new_summaries(k, s)
+        summaries = layer.new_summaries(k, s)
         pool_keys.pool_keys(k, summaries, 0, pool_keys.num_summaries(length), s.kernel_size, s.kernel_stride)
         start = torch.tensor([length - 1], dtype=torch.int32, device="cuda")
-        geometry = (s.kernel_size, s.kernel_stride, s.block_size, bench.DECODE_Q_TILE, s.topk, s.init_blocks,
+        geometry = (s.kernel_size, s.kernel_stride, s.block_size, DECODE_Q_TILE, s.topk, s.init_blocks,
                     s.window_size)
-        want = bench.decode_select(q, summaries, length, s)  # sized to the live keys
-        call = lambda: block_select.block_select(q, summaries, start, *geometry, max_len=capacity)
+        want = layer.decode_select(q, summaries, length, s)  # sized to the live keys
+        tickets = block_select.new_tickets(q.device)
+        call = lambda: block_select.block_select(q, summaries, start, *geometry, max_len=capacity, tickets=tickets)
         got = call()
         same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         us = 1000 * triton.testing.do_bench_cudagraph(call, rep=50, return_mode="median")

@@ -9,7 +9,7 @@ import torch
 
 import infer.kernels.block_select as block_select_module
 from infer.kernels.block_select import (
-    block_scores, block_select, max_selected, reference, reference_scores, select_blocks,
+    TUNING, Tuning, block_scores, block_select, max_selected, new_tickets, reference, reference_scores, select_blocks,
 )
 from infer.kernels.pool_keys import num_summaries
 
@@ -61,22 +61,25 @@ def check_selection(got, ref, ref_scores, q_start, T, q_tile, block_size, init_b
 
 
 TUNINGS = {
-    "default": {},
-    "one split": dict(_TARGET_PROGRAMS=1),  # each program loops over all its summary chunks
-    "small blocks": dict(TUNING=dict(block_select_module.TUNING, lse_rows=16, col_rows=16, lse_block_c=16,
-                                     col_block_c=16)),  # several t-blocks per tile, several chunks per split
-    "query-major rows": dict(TUNING=dict(block_select_module.TUNING, head_major=False)),
-    "chunked select": dict(TUNING=dict(block_select_module.TUNING, select_lanes=16)),  # decode: 16 blocks a chunk
+    "default": TUNING,
+    "one split": Tuning(target_programs=1),  # each program loops over all its summary chunks
+    "small blocks": Tuning(lse_rows=16, col_rows=16, lse_block_c=16,
+                           col_block_c=16),  # several t-blocks per tile, several chunks per split
+    "query-major rows": Tuning(head_major=False),
+    "chunked select": Tuning(select_lanes=16),  # decode: 16 blocks a chunk
 }
+TICKETS = new_tickets(torch.device("cpu"))  # the counters of the chunked selects (each call leaves them at 0)
+
+
+def lanes(n: int) -> Tuning:
+    return Tuning(select_lanes=n)
 
 
 @pytest.mark.parametrize("tuning", TUNINGS)
 @pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo", CASES)
-def test_scores_match_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, tuning, monkeypatch):
-    for name, value in TUNINGS[tuning].items():
-        monkeypatch.setattr(block_select_module, name, value)
+def test_scores_match_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, tuning):
     q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, **{k: v for k, v in geo.items() if k != "block_size"})
-    got = block_scores(q, summaries, q_start, q_tile=q_tile, **geo)
+    got = block_scores(q, summaries, q_start, q_tile=q_tile, tuning=TUNINGS[tuning], **geo)
     ref = reference_scores(q, summaries, q_start, q_tile=q_tile, **geo)
     assert got.shape == ref.shape
     assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
@@ -87,21 +90,19 @@ def test_scores_match_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, tunin
 LANE_CASES = [(*case, 1024) for case in CASES] + [(*case, 16) for case in CASES if case[4] <= 16]
 
 
-@pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo, lanes", LANE_CASES)
+@pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo, n_lanes", LANE_CASES)
 @pytest.mark.parametrize(
     "topk, window, init_blocks",
     [(4, 100, 1), (3, 2048, 1), (2, 40, 2), (100, 64, 1)],  # topk < / > blocks, window < / > sequence
 )
-def test_select_matches_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, lanes, topk, window, init_blocks,
-                                  monkeypatch):
+def test_select_matches_reference(Hkv, G, d, q_start, T, q_tile, dtype, geo, n_lanes, topk, window, init_blocks):
     """block_select (Triton) and select_blocks (torch, on the reference scores) both agree with `reference`."""
-    monkeypatch.setitem(block_select_module.TUNING, "select_lanes", lanes)
     q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, **{k: v for k, v in geo.items() if k != "block_size"})
     block_size = geo.get("block_size", 64)
     sel = dict(q_tile=q_tile, topk=topk, window=window, init_blocks=init_blocks, **geo)
     ref = reference(q, summaries, q_start, **sel)
     ref_scores = reference_scores(q, summaries, q_start, q_tile=q_tile, **geo)
-    for got in (block_select(q, summaries, q_start, **sel),
+    for got in (block_select(q, summaries, q_start, **sel, tickets=TICKETS, tuning=lanes(n_lanes)),
                 select_blocks(ref_scores, q_start, T, block_size, q_tile, topk, init_blocks, window)):
         check_selection(got, ref, ref_scores, q_start, T, q_tile, block_size, init_blocks, window)
 
@@ -145,17 +146,17 @@ def test_local_window_edges(window, first):
     assert idx[0, 0, : int(cnt)].tolist() == list(range(first, 5))
 
 
-@pytest.mark.parametrize("lanes", [1024, 16])
+@pytest.mark.parametrize("n_lanes", [1024, 16])
 @pytest.mark.parametrize("T", [1, 3])
-def test_ties_go_to_the_lowest_blocks(T, lanes, monkeypatch):
+def test_ties_go_to_the_lowest_blocks(T, n_lanes):
     """Equal summaries give every visible block the same score: the radix select runs all its steps and the
     lowest unforced blocks fill the top-k (with chunks: in each chunk, then overall)."""
-    monkeypatch.setitem(block_select_module.TUNING, "select_lanes", lanes)
     q, summaries = make_inputs(1, 4, 64, 4100, T, torch.float32)
     C = num_summaries(4100 + T)
     summaries[:, :C] = summaries[:, :1]
     sel = dict(q_tile=16, topk=9, window=100)
-    got, ref = block_select(q, summaries, 4100, **sel), reference(q, summaries, 4100, **sel)
+    got = block_select(q, summaries, 4100, **sel, tickets=TICKETS, tuning=lanes(n_lanes))
+    ref = reference(q, summaries, 4100, **sel)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     assert got[0][0, 0, :9].tolist() == [0, 1, 2, 3, 4, 5, 62, 63, 64]  # sink, the lowest ties, the window
 
@@ -176,13 +177,11 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("tuning", TUNINGS)
 @pytest.mark.parametrize("Hkv, G, d, q_start, T, q_tile, dtype, geo", DECODE_CASES)
-def test_device_start_equals_int(Hkv, G, d, q_start, T, q_tile, dtype, geo, tuning, monkeypatch):
+def test_device_start_equals_int(Hkv, G, d, q_start, T, q_tile, dtype, geo, tuning):
     """Sized to the capacity (300 spare summaries: more splits and blocks than live), the same bits."""
-    for name, value in TUNINGS[tuning].items():
-        monkeypatch.setattr(block_select_module, name, value)
     kernel, stride, block_size = geo.get("kernel", 32), geo.get("stride", 16), geo.get("block_size", 64)
     q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, kernel, stride, spare=300)
-    sel = dict(q_tile=q_tile, topk=3, window=100, **geo)
+    sel = dict(q_tile=q_tile, topk=3, window=100, tickets=TICKETS, tuning=TUNINGS[tuning], **geo)
     n_blocks = math.ceil((q_start + T) / block_size)
     n_cap = math.ceil((summaries.shape[1] * stride + kernel - 1) / block_size)
     ref_scores = torch.full((Hkv, 1, n_blocks), math.nan)
@@ -208,7 +207,7 @@ def test_one_device_start_many_values(monkeypatch):
     """One start tensor rewritten between calls (as a replayed CUDA graph does): the same grids and output shapes
     at every length, and each call selects as the int call at the length the tensor holds."""
     grids = []
-    for name in ("_lse_kernel", "_column_kernel", "_select_kernel"):
+    for name in ("_lse_kernel", "_column_kernel", "_select_from_logits_kernel", "_select_from_columns_kernel"):
         monkeypatch.setattr(block_select_module, name, GridLog(getattr(block_select_module, name), grids))
     q, summaries = make_inputs(2, 4, 64, 1535, 1, torch.float16)  # 95 live + 5 spare summaries: up to 1631 keys
     sel = dict(q_tile=16, topk=4, window=200)
@@ -226,19 +225,18 @@ def test_one_device_start_many_values(monkeypatch):
         assert all(launch == launches[0] for launch in launches)
 
 
-@pytest.mark.parametrize("lanes", [1024, 16])
+@pytest.mark.parametrize("n_lanes", [1024, 16])
 @pytest.mark.parametrize("Hkv, G, d, q_start, T, dtype, geo", [
     (1, 4, 64, 1290, 5, torch.float16, {}),
     (2, 2, 64, 700, 8, torch.float32, {}),
     (2, 1, 64, 3, 4, torch.float16, {}),  # the first queries see no summary yet
     (1, 2, 64, 150, 3, torch.float16, dict(kernel=16, stride=8, block_size=32)),
 ])
-def test_per_query_equals_each_query_alone(Hkv, G, d, q_start, T, dtype, geo, lanes, monkeypatch):
+def test_per_query_equals_each_query_alone(Hkv, G, d, q_start, T, dtype, geo, n_lanes):
     """Verification selects for each draft in one call: the bits of a call for that query alone."""
-    monkeypatch.setitem(block_select_module.TUNING, "select_lanes", lanes)
     kernel, stride = geo.get("kernel", 32), geo.get("stride", 16)
     q, summaries = make_inputs(Hkv, G, d, q_start, T, dtype, kernel, stride, spare=300)
-    sel = dict(q_tile=16, topk=3, window=100, **geo)
+    sel = dict(q_tile=16, topk=3, window=100, tickets=TICKETS, tuning=lanes(n_lanes), **geo)
     starts = torch.arange(q_start, q_start + T, dtype=torch.int32)
     idx, cnt = block_select(q, summaries, starts, per_query=True, **sel)
     assert idx.shape[:2] == cnt.shape == (Hkv, T)

@@ -9,12 +9,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
 B = 64  # KV block size
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from infer.engine.measure.compare import rel_err, sdpa_causal  # noqa: E402 (imports no kernel module)
 
 
 @pytest.fixture(autouse=True)
@@ -25,11 +26,6 @@ def compiled_kernels():
 
 def randn(*shape, gen):
     return torch.randn(*shape, generator=gen).to(DEVICE, DTYPE)
-
-
-def rel_err(x, ref):
-    x, ref = x.float(), ref.float()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def kv_cache(Hkv, L, d, gen, extra=37):
@@ -66,13 +62,6 @@ def all_causal_blocks(Hkv, T, q_start, q_tile):
         idx[:, i, :n] = torch.arange(n, dtype=torch.int32)
         cnt[:, i] = n
     return idx.to(DEVICE), cnt.to(DEVICE)
-
-
-def sdpa_causal(q, k, v, q_start):
-    """Dense causal attention of q [Hq, T, d] at q_start.. over keys 0..q_start+T-1 (bottom-right aligned)."""
-    L = q_start + q.shape[1]
-    mask = torch.arange(L, device=q.device)[None, :] <= torch.arange(q_start, L, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q[None], k[None, :, :L], v[None, :, :L], attn_mask=mask, enable_gqa=True)[0]
 
 
 @pytest.mark.parametrize("Hkv, d, L, kernel, stride", [
@@ -122,7 +111,7 @@ def test_block_scores_and_selection(Hkv, G, d, q_start, T, q_tile, sel):
     summaries[:, :C] = randn(Hkv, C, d, gen=gen)
     ref = reference_scores(q, summaries, q_start, q_tile=q_tile)
     got = torch.full_like(ref, float("nan"))
-    gi, gc = block_select(q, summaries, q_start, q_tile=q_tile, **sel, scores=got)
+    gi, gc = block_select(q, summaries, q_start, q_tile=q_tile, **sel, scores=got, tickets=tickets())
     fin = ref.isfinite()
     assert not got.isnan().any() and torch.equal(got.isfinite(), fin)  # all written, the same blocks scored
     assert rel_err(got[fin], ref[fin]) < 1e-3
@@ -232,6 +221,13 @@ def device_int(x):
     return torch.tensor([x], dtype=torch.int32, device=DEVICE)  # [1]
 
 
+def tickets():
+    """The counters a decode-sized selection over many blocks needs (the KV cache owns them in the engine)."""
+    from infer.kernels.block_select import new_tickets
+
+    return new_tickets(torch.device(DEVICE))
+
+
 @pytest.mark.parametrize("Hkv, G, d, L, T", DECODE_CASES)
 def test_sparse_decode_device_length(Hkv, G, d, L, T):
     """A device L gives the int L's bits, sparse and dense; dense (no selection) is causal SDPA."""
@@ -263,7 +259,7 @@ def test_block_select_device_start(Hkv, G, d, q_start, T):
     n_blocks, n_cap = -(-(q_start + T) // B), -(-(C_cap * 16 + 31) // B)
     ref_scores = torch.full((Hkv, 1, n_blocks), float("nan"), device=DEVICE)
     got_scores = torch.full((Hkv, 1, n_cap), float("nan"), device=DEVICE)
-    sel = dict(q_tile=16, **SMALL)
+    sel = dict(q_tile=16, tickets=tickets(), **SMALL)
     ri, rc = block_select(q, summaries, q_start, scores=ref_scores, **sel)
     gi, gc = block_select(q, summaries, device_int(q_start), scores=got_scores, **sel)
     assert torch.equal(gi, ri) and torch.equal(gc, rc)
@@ -280,14 +276,14 @@ def test_block_select_per_query_equals_each_query_alone(Hkv, G, d, q_start, T):
     summaries = randn(Hkv, num_summaries(q_start + T + 200), d, gen=gen)
     q = randn(Hkv * G, T, d, gen=gen)
     starts = torch.arange(q_start, q_start + T, dtype=torch.int32, device=DEVICE)
-    sel = dict(q_tile=16, max_len=q_start + T + 200)
+    sel = dict(q_tile=16, max_len=q_start + T + 200, tickets=tickets())
     idx, cnt = block_select(q, summaries, starts, per_query=True, **sel)
     for i in range(T):
         alone_idx, alone_cnt = block_select(q[:, i:i + 1], summaries, starts[i:i + 1], **sel)
         assert torch.equal(idx[:, i:i + 1], alone_idx) and torch.equal(cnt[:, i:i + 1], alone_cnt)
 
 
-def test_chunked_decode_selection_equals_one_program(monkeypatch):
+def test_chunked_decode_selection_equals_one_program():
     """At 128K (4096 lanes of blocks) decode selects per chunk of 512 blocks, then the last chunk to finish picks
     among the chunks' top ones: the same bits as one program per kv head, call after call (the chunks meet through
     a counter in memory)."""
@@ -297,13 +293,12 @@ def test_chunked_decode_selection_equals_one_program(monkeypatch):
     gen = torch.Generator().manual_seed(11)
     Hkv, G, d, q_start = 8, 4, 128, 131071
     summaries = randn(Hkv, num_summaries(q_start + 301), d, gen=gen)
-    start = device_int(q_start)
+    start, counters = device_int(q_start), tickets()
+    one_program = block_select.Tuning(select_lanes=4096)
     for _ in range(20):
         q = randn(Hkv * G, 1, d, gen=gen)
-        monkeypatch.setitem(block_select.TUNING, "select_lanes", 4096)
-        ri, rc = block_select.block_select(q, summaries, start, q_tile=16, max_len=q_start + 301)
-        monkeypatch.setitem(block_select.TUNING, "select_lanes", 512)
-        gi, gc = block_select.block_select(q, summaries, start, q_tile=16, max_len=q_start + 301)
+        ri, rc = block_select.block_select(q, summaries, start, q_tile=16, max_len=q_start + 301, tuning=one_program)
+        gi, gc = block_select.block_select(q, summaries, start, q_tile=16, max_len=q_start + 301, tickets=counters)
         assert torch.equal(gi, ri) and torch.equal(gc, rc)
 
 
@@ -319,7 +314,7 @@ def test_decode_cuda_graph_replays_at_new_lengths():
     q = randn(Hkv * G, T, d, gen=gen)
     k, v = randn(Hkv, max_len, d, gen=gen), randn(Hkv, max_len, d, gen=gen)
     summaries = reference(k, 0, num_summaries(max_len))  # [Hkv, C, d]
-    sel = dict(q_tile=16, topk=16, window=512)
+    sel = dict(q_tile=16, topk=16, window=512, tickets=tickets())
     L, start = device_int(1000), device_int(1000 - T)
 
     def decode():
@@ -345,7 +340,7 @@ def test_decode_cuda_graph_replays_at_new_lengths():
 
 def test_bench_attention_checks():
     """The checks of `infer bench --attention --check` pass (top-k has work to do at L = 4096 with this config)."""
-    from infer.engine.measure.bench import attention_checks
+    from infer.engine.measure.checks import attention_checks
     from infer.engine.config import SparseConfig
 
     results = attention_checks(L=4096, dtype=DTYPE, device=DEVICE, s=SparseConfig(topk=16, window_size=512))

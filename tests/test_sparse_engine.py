@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from infer.engine.attention import SelectionRecord
 from infer.engine.config import ModelConfig, SparseConfig
 from infer.engine.model import Transformer, prefill
 from infer.kernels import pool_keys
@@ -25,11 +26,11 @@ def small_sparse(**overrides) -> SparseConfig:
                                   init_blocks=1, dense_len=64, mode="on"), **overrides})
 
 
-def run(model, tokens, sparse, chunks):
+def run(model, tokens, sparse, chunks, record=None):
     cache = model.new_cache(tokens.shape[0] + 4, sparse)
     out, begin = [], 0
     for size in chunks:
-        out.append(model(tokens[begin:begin + size], cache, num_logits=size))
+        out.append(model(tokens[begin:begin + size], cache, num_logits=size, record=record))
         begin += size
     return torch.cat(out), cache
 
@@ -46,11 +47,12 @@ def test_sparse_with_every_block_selected_equals_dense():
 def test_sparse_selection_changes_long_range_attention_only():
     model, tokens = tiny_model(), torch.randint(0, 97, (200,))
     dense, _ = run(model, tokens, None, [200])
-    sparse, cache = run(model, tokens, small_sparse(), [150] + [1] * 50)
+    record = SelectionRecord()
+    sparse, cache = run(model, tokens, small_sparse(), [150] + [1] * 50, record)
     window_only = 16 + 16  # queries whose causal keys all lie in forced blocks see exactly the dense keys
     assert torch.allclose(sparse[:window_only], dense[:window_only], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(sparse[150:], dense[150:], atol=1e-3)
-    block_count, keys = cache.last_selection
+    block_count, keys = record.block_count, record.end
     assert keys == 200 and int(block_count.max()) <= 4 + 2  # topk, plus forced blocks past it
 
 

@@ -1,6 +1,7 @@
 """Throughput measurement for `infer bench`: random weights at named real shapes, prefill (pp) and decode (tg) rows;
-with --attention, one attention layer: torch SDPA vs our block-sparse kernels (and FlexAttention), plus kernel checks."""
+with --attention, one attention layer: torch SDPA vs our block-sparse kernels (and FlexAttention)."""
 
+import functools
 import math
 import sys
 import time
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from infer.kernels import block_select, pool_keys, sparse_attention, sparse_decode
+from infer.kernels import pool_keys, sparse_attention
 
 from ..attention import uses_sparse
 from ..config import ModelConfig, SparseConfig
@@ -20,6 +21,8 @@ from ..errors import InferError
 from ..generate import PREFILL_CHUNK
 from ..kv_cache import KVCache, Positions
 from ..model import Transformer, prefill
+from .compare import rel_err
+from .layer import attention_inputs, new_summaries, select_all, selection_mask, sparse_decode_step, sparse_prefill
 
 # Real model shapes (config.json subsets); the weights are random, the cost is the real one.
 NAMED_SHAPES = {
@@ -181,8 +184,6 @@ def run_decode(model: Transformer, steps: int, depth: int, sparse: SparseConfig 
 
 # --- `infer bench --attention`: one attention layer, dense torch SDPA vs our block-sparse kernels (CUDA) ---
 
-DECODE_Q_TILE = 16  # the engine's q_tile for decode (all queries in one tile)
-
 
 @dataclass
 class AttentionRow:
@@ -203,88 +204,6 @@ class AttentionRow:
     summary_bytes: int  # pooled key summaries of n keys, one layer
     k_bytes: int  # K cache of n keys, one layer
     prefill_peak_bytes: int  # peak memory our prefill loop allocates beyond q, k, v, summaries and the output
-
-
-@dataclass
-class CheckResult:
-    name: str
-    detail: str
-    passed: bool
-
-
-def attention_inputs(n: int, heads: int, kv_heads: int, head_dim: int, dtype, device, seed: int = 0):
-    """Random q [heads, n, d] and k, v [kv_heads, n, d]."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(heads, n, head_dim, generator=g, device=device, dtype=dtype)
-    k = torch.randn(kv_heads, n, head_dim, generator=g, device=device, dtype=dtype)
-    v = torch.randn(kv_heads, n, head_dim, generator=g, device=device, dtype=dtype)
-    return q, k, v
-
-
-def new_summaries(k: torch.Tensor, s: SparseConfig) -> torch.Tensor:
-    """An unwritten summary buffer [Hkv, C, d] for the keys k [Hkv, n, d]."""
-    n_sum = max(1, pool_keys.num_summaries(k.shape[1], s.kernel_size, s.kernel_stride))
-    return torch.empty(k.shape[0], n_sum, k.shape[2], dtype=k.dtype, device=k.device)
-
-
-def select_chunk(q: torch.Tensor, summaries: torch.Tensor, start: int, s: SparseConfig):
-    """The engine's prefill selection (q_tile = block_size) for q [Hq, T, d] at positions start..start+T-1."""
-    return block_select.block_select(q, summaries, start, s.kernel_size, s.kernel_stride, s.block_size, s.block_size,
-                                     s.topk, s.init_blocks, s.window_size)
-
-
-def sparse_prefill(q, k, v, summaries, out, s: SparseConfig, chunk: int, attend: bool = True) -> torch.Tensor:
-    """Our causal prefill of one layer, in query chunks as the engine runs it: pool the windows each chunk completes,
-    score and select blocks, attend. q [Hq, n, d], k, v [Hkv, n, d]; writes out [Hq, n, d]."""
-    n = q.shape[1]
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
-        first, last = (pool_keys.num_summaries(x, s.kernel_size, s.kernel_stride) for x in (start, end))
-        pool_keys.pool_keys(k, summaries, first, last, s.kernel_size, s.kernel_stride)
-        idx, cnt = select_chunk(q[:, start:end], summaries, start, s)
-        if attend:
-            sparse_attention.sparse_attention(q[:, start:end], k, v, start, idx, cnt, q_tile=s.block_size,
-                                              block_size=s.block_size, out=out[:, start:end])
-    return out
-
-
-def select_all(q, summaries, s: SparseConfig, chunk: int):
-    """The selection of sparse_prefill (summaries of all keys written), tiles of all chunks concatenated:
-    (block_idx [Hkv, n_tiles, max_sel], block_count [Hkv, n_tiles])."""
-    assert chunk % s.block_size == 0
-    parts = [select_chunk(q[:, a:a + chunk], summaries, a, s) for a in range(0, q.shape[1], chunk)]
-    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
-
-
-def decode_select(q, summaries, L: int, s: SparseConfig, start: torch.Tensor | None = None):
-    """The engine's decode selection for q [Hq, T, d] at positions L-T..L-1: one tile. start: L-T in a device
-    int32 [1] tensor, as the engine passes it (the selection then sized to the capacity L), else an int."""
-    return block_select.block_select(q, summaries, L - q.shape[1] if start is None else start, s.kernel_size,
-                                     s.kernel_stride, s.block_size, DECODE_Q_TILE, s.topk, s.init_blocks,
-                                     s.window_size, max_len=L)
-
-
-def sparse_decode_step(q, k, v, summaries, s: SparseConfig):
-    """Our decode attention of q [Hq, T, d] at positions L-T..L-1 over the L = k.shape[1] keys (select, attend), as
-    the engine calls it: the positions in device tensors, made here once, so the returned step launches only the
-    selection and attention kernels."""
-    T, L = q.shape[1], k.shape[1]
-    start = torch.full((1,), L - T, dtype=torch.int32, device=q.device)
-    length = start + T
-
-    def step() -> torch.Tensor:
-        idx, cnt = decode_select(q, summaries, L, s, start)
-        return sparse_decode.sparse_decode(q, k, v, length, idx, cnt, block_size=s.block_size)
-
-    return step
-
-
-def selection_mask(block_idx, block_count, n_blocks: int) -> torch.Tensor:
-    """Selected blocks as a dense mask [Hkv, n_tiles, n_blocks] (bool)."""
-    valid = torch.arange(block_idx.shape[2], device=block_idx.device) < block_count[..., None]
-    cols = torch.where(valid, block_idx, n_blocks).long()  # padding -> a spare column
-    sel = torch.zeros(*block_idx.shape[:2], n_blocks + 1, dtype=torch.bool, device=block_idx.device)
-    return sel.scatter_(2, cols, True)[..., :n_blocks]
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -310,25 +229,21 @@ def flex_block_mask(block_idx, block_count, n: int, group: int, block_size: int)
                                     mask_mod=_causal)
 
 
-_flex_compiled = None
+@functools.cache
+def compiled_flex_attention():
+    """torch.compile'd flex_attention, compiled once per process."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_sparse(q, k, v, block_mask, block_size: int, compiled: bool = True) -> torch.Tensor:
     """flex_attention of q [Hq, n, d] over k, v [Hkv, n, d] under block_mask (GQA), tiles of block_size."""
-    global _flex_compiled
     from torch.nn.attention.flex_attention import flex_attention
 
-    if compiled and _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    fn = _flex_compiled if compiled else flex_attention
+    fn = compiled_flex_attention() if compiled else flex_attention
     opts = {"BLOCK_M": block_size, "BLOCK_N": block_size} if compiled else None  # tiles must divide the mask's blocks
     return fn(q[None], k[None], v[None], block_mask=block_mask, enable_gqa=True, kernel_options=opts)[0]
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref||, in fp32."""
-    x, ref = x.float(), ref.float()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def _ms(fn, rep: int = 200) -> float:
@@ -399,88 +314,3 @@ def attention_row(n: int, s: SparseConfig | None = None, chunk: int = 16384, hea
     return row
 
 
-def attention_checks(L: int = 8192, heads: int = 32, kv_heads: int = 8, head_dim: int = 128, dtype=torch.bfloat16,
-                     device="cuda", s: SparseConfig | None = None, chunk: int | None = None) -> list[CheckResult]:
-    """Each Triton kernel vs its torch reference (and dense SDPA) on random inputs with L keys."""
-    s = s or SparseConfig()
-    B, ks, st = s.block_size, s.kernel_size, s.kernel_stride
-    chunk = chunk or L // 4
-    T = L // 8  # queries of the chunked-prefill checks, at positions L-T..L-1
-    results = []
-
-    def check(name, detail, passed):
-        results.append(CheckResult(name, detail, bool(passed)))
-
-    q, k, v = attention_inputs(L, heads, kv_heads, head_dim, dtype, device)
-    with torch.inference_mode():
-        # pool_keys, in two calls as the engine's chunks do.
-        C = pool_keys.num_summaries(L, ks, st)
-        summaries = new_summaries(k, s)
-        pool_keys.pool_keys(k, summaries, 0, C // 3, ks, st)
-        pool_keys.pool_keys(k, summaries, C // 3, C, ks, st)
-        ref = pool_keys.reference(k, 0, C, ks, st)
-        err = rel_err(summaries[:, :C], ref)
-        exact = (summaries[:, :C] == ref).float().mean().item()
-        check("pool_keys", f"rel err {err:.1e}, {100 * exact:.2f}% bit-exact", err < 1e-3)
-
-        # block_scores vs reference_scores, and the selections they give: a prefill chunk and a decode step.
-        for label, qs, q_tile in (("prefill chunk", q[:, L - T:], B), ("decode", q[:, -1:].contiguous(), DECODE_Q_TILE)):
-            Tq = qs.shape[1]
-            ref = block_select.reference_scores(qs, summaries, L - Tq, ks, st, B, q_tile)
-            got = torch.empty_like(ref)
-            gi, gc = block_select.block_select(qs, summaries, L - Tq, ks, st, B, q_tile, s.topk, s.init_blocks,
-                                               s.window_size, scores=got)
-            fin = ref.isfinite()
-            same_support = torch.equal(got.isfinite(), fin)
-            err = rel_err(got[fin], ref[fin]) if same_support else math.inf
-            ri, rc = block_select.select_blocks(ref, L - Tq, Tq, B, q_tile, s.topk, s.init_blocks, s.window_size)
-            n_blocks = got.shape[2]
-            gm, rm = selection_mask(gi, gc, n_blocks), selection_mask(ri, rc, n_blocks)
-            overlap = ((gm & rm).sum() / rm.sum()).item()
-            check(f"block_scores ({label}, {Tq} queries)",
-                  f"rel err {err:.1e}, same scored blocks: {same_support}, selection overlap {100 * overlap:.2f}%, "
-                  f"same counts: {torch.equal(gc, rc)}", same_support and err < 1e-3 and overlap >= 0.95)
-        del got, ref, fin, gm, rm
-
-        # sparse_attention vs its reference, on the selector's choice for the last T queries.
-        qs = q[:, L - T:]
-        idx, cnt = select_chunk(qs, summaries, L - T, s)
-        out = sparse_attention.sparse_attention(qs, k, v, L - T, idx, cnt, q_tile=B, block_size=B)
-        err = rel_err(out, sparse_attention.reference(qs, k, v, L - T, idx, cnt, q_tile=B, block_size=B))
-        check(f"sparse_attention ({T} queries at {L - T}, {cnt.float().mean().item():.1f} blocks/tile)",
-              f"rel err {err:.1e}", err < 1e-2)
-
-        # Every causal block selected == dense causal SDPA, all L queries in one call.
-        n_blocks = L // B
-        all_idx = torch.arange(n_blocks, dtype=torch.int32, device=device).expand(kv_heads, n_blocks, n_blocks)
-        all_cnt = torch.arange(1, n_blocks + 1, dtype=torch.int32, device=device).expand(kv_heads, n_blocks)
-        out = sparse_attention.sparse_attention(q, k, v, 0, all_idx.contiguous(), all_cnt.contiguous(), q_tile=B,
-                                                block_size=B)
-        sdpa = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
-        err = rel_err(out, sdpa)
-        check(f"sparse_attention, all blocks == SDPA causal ({L} queries)", f"rel err {err:.1e}", err < 1e-2)
-
-        # The benchmark's chunked prefill loop == one call on the concatenated selection (the flex mask).
-        fresh = new_summaries(k, s)
-        looped = sparse_prefill(q, k, v, fresh, torch.empty_like(q), s, chunk)
-        idx, cnt = select_all(q, fresh, s, chunk)
-        err = rel_err(looped, sparse_attention.sparse_attention(q, k, v, 0, idx, cnt, q_tile=B, block_size=B))
-        check(f"prefill loop ({chunk}-query chunks) == one call on its selection", f"rel err {err:.1e}", err < 1e-3)
-        del out, sdpa, looped
-
-        # sparse_decode vs its reference (selector's choice), and with every block == SDPA.
-        for Tq in (1, 4):
-            qd = q[:, L - Tq:].contiguous()
-            idx, cnt = decode_select(qd, summaries, L, s)
-            out = sparse_decode_step(qd, k, v, summaries, s)()  # the step the bench times: positions on the device
-            err = rel_err(out, sparse_decode.reference(qd, k, v, L, idx, cnt, block_size=B))
-            check(f"sparse decode step ({Tq} queries, {cnt.float().mean().item():.1f} blocks)", f"rel err {err:.1e}",
-                  err < 1e-2)
-            all_idx = torch.arange(n_blocks, dtype=torch.int32, device=device).expand(kv_heads, 1, n_blocks)
-            all_cnt = torch.full((kv_heads, 1), n_blocks, dtype=torch.int32, device=device)
-            out = sparse_decode.sparse_decode(qd, k, v, L, all_idx.contiguous(), all_cnt, block_size=B)
-            mask = torch.arange(L, device=device)[None, :] <= torch.arange(L - Tq, L, device=device)[:, None]
-            sdpa = F.scaled_dot_product_attention(qd[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
-            err = rel_err(out, sdpa)
-            check(f"sparse_decode, all blocks == SDPA ({Tq} queries)", f"rel err {err:.1e}", err < 1e-2)
-    return results

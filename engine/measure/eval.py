@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..attention import DECODE_MAX_QUERIES, latest_read, uses_sparse
+from ..attention import SelectionRecord, latest_read, selection_tile, uses_sparse
 from ..config import ModelConfig
 from ..errors import InferError
 from ..generate import Engine
@@ -168,7 +168,7 @@ def answer(engine: Engine, tokens: list[int], max_tokens: int = ANSWER_TOKENS) -
             if len(out) == max_tokens or len(tokens) + len(out) >= engine.max_len:
                 break
             logits = engine.decode(torch.tensor([token], device=engine.device))[-1]
-        path, read = latest_read(engine.cache, engine.cache.length)
+        path, read = latest_read(engine.cache, engine.cache.length, engine.decode.record)
     finally:
         engine.cache.truncate(len(engine.tokens))  # the engine holds the prompt again: prefix reuse stays valid
     return engine.tokenizer.decode(out, skip_special_tokens=True).strip(), path, read
@@ -272,7 +272,8 @@ def token_nll(engine: Engine, tokens: list[int], chunk: int = NLL_CHUNK, split: 
     engine.reset()
     try:
         for begin, end in zip(bounds, bounds[1:]):
-            logits = engine.model(ids[begin:end], engine.cache, num_logits=end - begin)  # [T, V] fp32
+            record = SelectionRecord()
+            logits = engine.model(ids[begin:end], engine.cache, num_logits=end - begin, record=record)  # [T, V] fp32
             targets = ids[begin + 1:end + 1]  # the last position of the text predicts nothing
             m = targets.shape[0]
             logp = logits[:m].log_softmax(-1)
@@ -280,24 +281,19 @@ def token_nll(engine: Engine, tokens: list[int], chunk: int = NLL_CHUNK, split: 
             top1.append(logp.argmax(-1).cpu())
             path = uses_sparse(engine.cache, end)
             sparse.append(torch.full((m,), path))
-            q_tile = _q_tile(end - begin, engine.sparse.block_size) if path else 1
+            q_tile = selection_tile(end - begin, engine.sparse.block_size) if path else 1
             local = torch.arange(m)
             causal.append((local % q_tile == q_tile - 1) | (local == end - begin - 1))
-            if path and engine.cache.last_selection is not None:
-                reads += _tile_reads(engine.cache.last_selection[0], begin, end, engine.sparse.block_size)
+            if path and record.block_count is not None:
+                reads += _tile_reads(record.block_count, begin, end, engine.sparse.block_size)
     finally:
         engine.reset()
     return TokenScores(torch.cat(nll), torch.cat(top1), torch.cat(sparse), torch.cat(causal), reads)
 
 
-def _q_tile(num_q: int, block_size: int) -> int:
-    """Queries per selection tile, as attention.select cuts a call of num_q queries."""
-    return block_size if num_q > DECODE_MAX_QUERIES else num_q
-
-
 def _tile_reads(block_count: torch.Tensor, begin: int, end: int, block_size: int) -> list[tuple[int, float]]:
     """(last position, share of its causal keys read) per query tile of one sparse call; block_count [Hkv, n_tiles]."""
-    num_q, q_tile = end - begin, _q_tile(end - begin, block_size)
+    num_q, q_tile = end - begin, selection_tile(end - begin, block_size)
     out = []
     for i, count in enumerate(block_count.float().mean(0).tolist()):
         last = begin + min((i + 1) * q_tile, num_q) - 1
