@@ -237,8 +237,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 @triton.jit
 def _multiply_add(x, w, acc, dtype: tl.constexpr):
-    """acc [BLOCK_T, BLOCK_N] + x [BLOCK_T, E] @ w [BLOCK_N, E]^T, both rounded to dtype first (fp32: exact fp32
-    products). tl.dot needs E >= 16; a narrower step (a plain type's single element) multiplies and sums."""
+    """acc [BLOCK_T, BLOCK_N] + x [BLOCK_T, E] @ w [BLOCK_N, E]^T, both fp32 rounded to dtype first (x's values
+    are dtype's already; fp32: exact fp32 products). tl.dot needs E >= 16; a narrower step (a plain type's single
+    element) multiplies and sums."""
     x = x.to(dtype)
     w = w.to(dtype)
     if w.shape[1] >= 16:
@@ -251,8 +252,8 @@ def _multiply_add(x, w, acc, dtype: tl.constexpr):
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, N, K, row_bytes, stride_x, residual_scale,
                         QTYPE: tl.constexpr, BLOCK_ELEMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        GATED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                        NB: tl.constexpr, PDL: tl.constexpr):
+                        RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                        PDL: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] weight rows: output columns
     n_mask = n < N
@@ -267,13 +268,13 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, N, K, row_bytes,
     pdl.enter(PDL)
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     for g in range(0, n_groups):
-        x = _x_at(x_rows, K, g * GROUP + cols[None, :], t_mask, GATED)  # [BLOCK_T, GROUP]
+        x = _x_at(x_rows, K, g * GROUP + cols[None, :], t_mask, False)  # [BLOCK_T, GROUP]
         w_next, _ = _decode_group(w_ptr, row_off, g + 1, n_groups, n_mask, QTYPE, NB)
         acc = _multiply_add(x, w, acc, dtype)
         w = w_next
     for block in range(n_groups * NB, n_blocks):  # the last n_blocks % NB blocks, one at a time
         w_block, block_cols = quant.decode(w_ptr, row_off, block, n_mask, QTYPE, 1)  # [BLOCK_N, BLOCK_ELEMS]
-        x_block = _x_at(x_rows, K, block * BLOCK_ELEMS + block_cols[None, :], t_mask, GATED)  # [BLOCK_T, ...]
+        x_block = _x_at(x_rows, K, block * BLOCK_ELEMS + block_cols[None, :], t_mask, False)
         acc = _multiply_add(x_block, w_block, acc, dtype)
     _epilogue(acc, n[None, :], t[:, None] * N + n[None, :], t_mask & n_mask[None, :], b_ptr, r_ptr, out_ptr,
               residual_scale, dtype, HAS_BIAS, RESIDUAL)
@@ -281,24 +282,29 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, N, K, row_bytes,
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, qtype, bias: torch.Tensor | None = None,
                 gated: bool = False, residual: torch.Tensor | None = None, residual_scale: float = 1.0,
-                block_n: int = 16, block_k: int = 256, num_warps: int = 4) -> torch.Tensor:
+                block_n: int = 16, block_k: int = 128, num_warps: int = 4) -> torch.Tensor:
     """`reference` for a few rows (speculative verification, short prefill chunks): x [T, K] (or [T, 2K] gated),
     1 <= T <= 16, with a contiguous last dim; weight uint8 [N, row_bytes] of qtype, contiguous; residual [T, N]
     contiguous -> new [T, N]. Each program decodes block_n weight rows, block_k elements at a time (as gemv),
-    and multiplies them with all T rows (padded to 16) on the tensor cores.
+    and multiplies them with all T rows (padded to 16) on the tensor cores. Gated x goes through
+    activation.silu_mul first: read inside, every program would recompute the SiLU of all T rows, and the two
+    fp32 x tiles crowd out the decoded weights' registers.
 
-    Equal to `reference` up to the order of the fp32 sums for fp32 x. For fp16/bf16 x each dequantized weight is
-    rounded to x's dtype before its product: before the output's rounding, |y - reference| <= u * sum_k |w_k x_k|
-    (u = 2^-11 for fp16, 2^-8 for bf16) plus the fp32 sums' own rounding, then one rounding of the output."""
+    Equal to `reference` up to the order of the fp32 sums for fp32 x (exact fp32 products, on the FMA units: a
+    precision mode, slow on a GPU). For fp16/bf16 x each dequantized weight is rounded to x's dtype before its
+    product: before the output's rounding, |y - reference| <= u * sum_k |w_k x_k| (u = 2^-11 for fp16, 2^-8 for
+    bf16) plus the fp32 sums' own rounding, then one rounding of the output."""
     qt, N, K = _packed_shape(weight, qtype)
     T = x.shape[0]
     assert 1 <= T <= 16 and x.shape == (T, 2 * K if gated else K) and x.stride(1) == 1
     assert residual is None or (residual.shape == (T, N) and residual.is_contiguous())
+    if gated:
+        x = activation.silu_mul(x)  # [T, K]
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)  # [T, N]
     nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
     _skinny_gemm_kernel[(triton.cdiv(N, block_n),)](
         x, weight, weight if bias is None else bias, weight if residual is None else residual, out, T, N, K,
         weight.shape[1], x.stride(0), residual_scale, QTYPE=qt.name, BLOCK_ELEMS=qt.block_elems,
-        HAS_BIAS=bias is not None, GATED=gated, RESIDUAL=residual is not None, BLOCK_T=16, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_T=16, BLOCK_N=block_n,
         NB=nb, num_warps=num_warps, **pdl.launch(x.device))
     return out
