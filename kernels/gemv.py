@@ -1,36 +1,47 @@
-"""One-row linear layers for decoding: y = W x, bound by reading W once, with the ops around it fused.
+"""Linear layers of one row (decoding) and of a few rows over packed weights, bound by reading the weight once, with
+the ops around them fused.
 
-Semantics (`reference`): x [1, K], weight [N, K] (nn.Linear layout), bias [N] or None -> [1, N] in x's dtype,
+Semantics (`reference`): x [T, K], weight [N, K] (nn.Linear layout), bias [N] or None -> [T, N] in x's dtype,
 accumulated in fp32 and rounded once, with optionally
-- gated: x [1, 2K] = [gate | up] read as kernels.activation.reference(x) = silu(gate) * up, rounded to the dtype
+- a packed weight: uint8 [N, row_bytes] of a GGUF type `qtype` (kernels.quant), multiplied as the fp32 values
+  quant.reference gives;
+- gated: x [T, 2K] = [gate | up] read as kernels.activation.reference(x) = silu(gate) * up, rounded to the dtype
   as the activation kernel rounds it (the SwiGLU down projection needs no activation kernel);
 - a residual add after it: y -> (residual + y * residual_scale) in fp32, rounded once (the o and down projections
   write the new residual stream);
-- argmax (an argmax_buffer): the row's argmax (lowest index among equal maxima of the rounded y) is also packed
-  into it, by atomic maxima spread over ARGMAX_SLOTS addresses (not all programs on one), for greedy decoding
-  on the device; `take_argmax` reads it out and empties the buffer.
-Fusing the RMSNorm before the q/k/v, gate/up and lm_head projections lost twice on an H100 (Llama-3-8B decode
-step): normalising x up front in every program (+244 us per token against the 146 us of norm kernels saved), and
-summing x^2 while walking x with the scale applied at the end (5474 against 5460 us per step at depth 0, 6288
-against 6233 at 32K, same process; faster in isolation, slower in the step).
+- argmax (an argmax_buffer; one row): the row's argmax (lowest index among equal maxima of the rounded y) is also
+  packed into it, by atomic maxima spread over ARGMAX_SLOTS addresses (not all programs on one), for greedy
+  decoding on the device; `take_argmax` reads it out and empties the buffer.
+The RMSNorm before the q/k/v, gate/up and lm_head projections stays a kernel of its own: fused here it made the
+decode step slower (BENCHMARKS.md).
 
-Each program owns BLOCK_N rows of W and walks K in BLOCK_K steps, multiply-adding into a fp32 [BLOCK_N, BLOCK_K]
-tile summed once at the end. On an H100 (scripts/tune_decode.py --gemv, Llama-3-8B projections, weights not in L2) it reads
-2.8-3.2 TB/s where cuBLAS reads 2.0-2.9.
+`gemv` (T = 1): each program owns BLOCK_N rows of W. A dense W is walked in BLOCK_K steps multiply-adding into a
+fp32 [BLOCK_N, BLOCK_K] tile summed once at the end; a packed W in groups of NB blocks decoded in registers by
+quant.decode, x read at the decoded values' columns. `skinny_gemm` (T = 2..16, packed W): each decoded weight tile
+serves all T rows through tl.dot.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from infer.kernels import activation, pdl
+from infer.kernels import activation, pdl, quant
+
+_REFERENCE_CHUNK = 1 << 24  # weight elements dequantized at a time by `reference` (64 MB of fp32)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
-              residual: torch.Tensor | None = None, residual_scale: float = 1.0) -> torch.Tensor:
+              residual: torch.Tensor | None = None, residual_scale: float = 1.0, qtype=None) -> torch.Tensor:
+    """x [T, K] (or [T, 2K] gated), weight [N, K] or, with qtype (a quant type code, name or QuantType), uint8
+    [N, row_bytes] -> [T, N]. A packed weight is dequantized a chunk of rows at a time, so that a large layer
+    never exists in fp32 as a whole."""
     if gated:
         x = activation.reference(x)
-    y = x.float() @ weight.float().T  # [T, N]
+    if qtype is None:
+        y = x.float() @ weight.float().T  # [T, N]
+    else:
+        chunk = max(1, _REFERENCE_CHUNK // quant.quant_type(qtype).row_elems(weight.shape[1]))
+        y = torch.cat([x.float() @ quant.reference(w, qtype).T for w in weight.split(chunk)], dim=1)  # [T, N]
     if bias is not None:
         y = y + bias.float()
     y = y.to(x.dtype)
@@ -42,6 +53,44 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 _NO_ARGMAX = tl.constexpr(-(1 << 63))  # an argmax slot's value before any row was packed into it
 _LOW32 = tl.constexpr((1 << 32) - 1)
 ARGMAX_SLOTS = 64
+
+
+@triton.jit
+def _x_at(x_ptr, K, k, mask, GATED: tl.constexpr):
+    """x's elements at columns k (fp32; 0 where mask is false); gated: silu(gate) * up of x = [gate | up], rounded
+    to x's dtype as the activation kernel writes it."""
+    x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
+        x = activation.silu_times(x, up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _epilogue(y, n, at, mask, b_ptr, r_ptr, out_ptr, residual_scale, dtype: tl.constexpr,
+              HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Add the bias (at output columns n) and the residual (at offsets `at`, as out) to the fp32 sums y, store them
+    at out_ptr + at; returns the stored values rounded to dtype, in fp32."""
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        r = tl.load(r_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        y = r + y.to(dtype).to(tl.float32) * residual_scale
+    y = y.to(dtype)
+    tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
+    return y.to(tl.float32)
+
+
+@triton.jit
+def _pack_argmax(y, rows, row_mask, N, best_ptr, SLOTS: tl.constexpr):
+    """Pack (y's largest value's bits ordered as floats, ~its lowest row) so that one int64 max picks the first
+    maximum across programs."""
+    y = tl.where(row_mask, y, float("-inf"))
+    top = tl.max(y)
+    row = tl.min(tl.where(y == top, rows, N))
+    bits = top.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    tl.atomic_max(best_ptr + tl.program_id(0) % SLOTS, (ordered << 32) - row.to(tl.int64) + _LOW32)
 
 
 @triton.jit
@@ -60,28 +109,54 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, residual_s
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = k0 + cols < K
-        x = tl.load(x_ptr + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
-        if GATED:
-            up = tl.load(x_ptr + K + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)
-            x = activation.silu_times(x, up).to(dtype).to(tl.float32)
+        x = _x_at(x_ptr, K, k0 + cols, k_mask, GATED)  # [BLOCK_K]
         w_next = tl.load(w_rows + (k0 + BLOCK_K + cols)[None, :],
                          mask=row_mask[:, None] & (k0 + BLOCK_K + cols < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
         w = w_next
+    y = _epilogue(tl.sum(acc, axis=1), rows, rows, row_mask, b_ptr, r_ptr, out_ptr, residual_scale, dtype,
+                  HAS_BIAS, RESIDUAL)  # [BLOCK_N]
+    if ARGMAX:
+        _pack_argmax(y, rows, row_mask, N, best_ptr, SLOTS)
+
+
+@triton.jit
+def _decode_group(w_ptr, row_off, g, n_groups, row_mask, QTYPE: tl.constexpr, NB: tl.constexpr):
+    """Group g of the rows, NB blocks from block g * NB, decoded (quant.decode: values [BLOCK_N, NB * block_elems]
+    and their columns); zeros, nothing read, when g >= n_groups, the row's whole groups. (where(c, mask, False),
+    not mask & c: the interpreter takes no bool tensor & bool scalar as a mask.)"""
+    return quant.decode(w_ptr, row_off, g * NB, tl.where(g < n_groups, row_mask, False), QTYPE, NB)
+
+
+@triton.jit
+def _packed_gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, row_bytes, residual_scale,
+                        QTYPE: tl.constexpr, BLOCK_ELEMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        GATED: tl.constexpr, RESIDUAL: tl.constexpr, ARGMAX: tl.constexpr, SLOTS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    row_mask = rows < N
+    row_off = rows.to(tl.int64) * row_bytes  # [BLOCK_N]
+    n_blocks = K // BLOCK_ELEMS
+    n_groups = n_blocks // NB
+    GROUP: tl.constexpr = NB * BLOCK_ELEMS
+    # As in the dense loop: each step decodes the next group before using the current one, the first before `enter`.
+    w, cols = _decode_group(w_ptr, row_off, 0, n_groups, row_mask, QTYPE, NB)  # [BLOCK_N, GROUP], [GROUP]
+    pdl.enter(PDL)
+    acc = tl.zeros([BLOCK_N, GROUP], dtype=tl.float32)
+    for g in range(0, n_groups):
+        x = _x_at(x_ptr, K, g * GROUP + cols, cols < GROUP, GATED)  # [GROUP]
+        w_next, _ = _decode_group(w_ptr, row_off, g + 1, n_groups, row_mask, QTYPE, NB)
+        acc += w * x[None, :]
+        w = w_next
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    if RESIDUAL:
-        r = tl.load(r_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        y = r + y.to(dtype).to(tl.float32) * residual_scale
-    tl.store(out_ptr + rows, y.to(dtype).to(out_ptr.dtype.element_ty), mask=row_mask)
-    if ARGMAX:  # pack (value's bits ordered as floats, ~row) so that one int64 max picks the first maximum
-        y = tl.where(row_mask, y.to(dtype).to(tl.float32), float("-inf"))
-        top = tl.max(y)
-        row = tl.min(tl.where(y == top, rows, N))
-        bits = top.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-        tl.atomic_max(best_ptr + tl.program_id(0) % SLOTS, (ordered << 32) - row.to(tl.int64) + _LOW32)
+    for block in range(n_groups * NB, n_blocks):  # the last n_blocks % NB blocks, one at a time
+        w_block, block_cols = quant.decode(w_ptr, row_off, block, row_mask, QTYPE, 1)  # [BLOCK_N, BLOCK_ELEMS]
+        x_block = _x_at(x_ptr, K, block * BLOCK_ELEMS + block_cols, block_cols < BLOCK_ELEMS, GATED)
+        y += tl.sum(w_block * x_block[None, :], axis=1)
+    y = _epilogue(y, rows, rows, row_mask, b_ptr, r_ptr, out_ptr, residual_scale, dtype, HAS_BIAS, RESIDUAL)
+    if ARGMAX:
+        _pack_argmax(y, rows, row_mask, N, best_ptr, SLOTS)
 
 
 @triton.jit
@@ -110,25 +185,126 @@ def take_argmax(best: torch.Tensor, token: torch.Tensor, advance: torch.Tensor |
                               ADVANCE=advance is not None, BLOCK_ADVANCE=triton.next_power_of_2(max(n, 1)))
 
 
+def group_blocks(n_blocks: int, max_blocks: int) -> int:
+    """NB, the blocks a packed kernel decodes per step of a row of n_blocks blocks: the power of two up to
+    max_blocks (at least 1) that walks the row in the fewest steps (n_blocks // NB groups, then the rest one
+    block at a time), the larger one on ties."""
+    return min((1 << i for i in range(max(1, max_blocks).bit_length())),
+               key=lambda nb: (n_blocks // nb + n_blocks % nb, -nb))
+
+
+def _packed_shape(weight: torch.Tensor, qtype) -> tuple[quant.QuantType, int, int]:
+    """The QuantType, N and K of a packed weight uint8 [N, row_bytes]."""
+    qt = quant.quant_type(qtype)
+    assert weight.dtype == torch.uint8 and weight.dim() == 2 and weight.is_contiguous()
+    return qt, weight.shape[0], qt.row_elems(weight.shape[1])
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
          residual: torch.Tensor | None = None, residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None, block_n: int = 4, block_k: int = 1024,
+         out_dtype: torch.dtype | None = None, qtype=None, block_n: int = 4, block_k: int = 1024,
          num_warps: int | None = None) -> torch.Tensor:
-    """`reference` for x [1, K] (or [1, 2K] gated) with a contiguous last dim; weight [N, K] contiguous;
-    residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the output's argmax into; out_dtype: the
-    output's dtype (default x's; the values are rounded to x's dtype either way: float32 saves logits a cast).
-    Warps default to 4, or 8 when gated (the SiLU of each x tile). H100, Llama-3-8B, weights not in L2
-    (scripts/tune_decode.py --gemv): q/k/v 18.4 us, o 11.9, gate/up 76.9, lm_head 331.5 against cuBLAS's 20.8, 16.6,
-    81.6, 374.8; the gated down projection took 53 us per layer of a decode step with 4 warps, 42 with 8."""
-    N, K = weight.shape
+    """`reference` for x [1, K] (or [1, 2K] gated) with a contiguous last dim; weight [N, K] contiguous, or with
+    qtype uint8 [N, row_bytes] contiguous; residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the
+    output's argmax into; out_dtype: the output's dtype (default x's; the values are rounded to x's dtype either
+    way: float32 saves logits a cast). A program reads block_n rows, block_k elements of each per step (packed:
+    NB = group_blocks(blocks of a row, block_k // block_elems) blocks). Warps default to 4, or 8 when gated (the
+    SiLU of each x tile; faster in the decode step, BENCHMARKS.md)."""
     num_warps = num_warps or (8 if gated else 4)
-    assert x.shape == (1, 2 * K if gated else K) and x.stride(1) == 1 and weight.is_contiguous()
+    if qtype is None:
+        N, K = weight.shape
+        assert weight.is_contiguous()
+    else:
+        qt, N, K = _packed_shape(weight, qtype)
+    assert x.shape == (1, 2 * K if gated else K) and x.stride(1) == 1
     assert residual is None or (residual.shape == (1, N) and residual.is_contiguous())
     assert argmax is None or (argmax.shape == (ARGMAX_SLOTS,) and argmax.dtype == torch.int64)
     out = torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device)  # [1, N]
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, weight if bias is None else bias, weight if residual is None else residual, out,
-        out if argmax is None else argmax, N, K, residual_scale, HAS_BIAS=bias is not None, GATED=gated,
-        RESIDUAL=residual is not None, ARGMAX=argmax is not None, SLOTS=ARGMAX_SLOTS, BLOCK_N=block_n,
-        BLOCK_K=min(block_k, triton.next_power_of_2(K)), num_warps=num_warps, **pdl.launch(x.device))
+    common = (weight if bias is None else bias, weight if residual is None else residual, out,
+              out if argmax is None else argmax)
+    flags = dict(HAS_BIAS=bias is not None, GATED=gated, RESIDUAL=residual is not None, ARGMAX=argmax is not None,
+                 SLOTS=ARGMAX_SLOTS, BLOCK_N=block_n, num_warps=num_warps, **pdl.launch(x.device))
+    grid = (triton.cdiv(N, block_n),)
+    if qtype is None:
+        _gemv_kernel[grid](x, weight, *common, N, K, residual_scale,
+                           BLOCK_K=min(block_k, triton.next_power_of_2(K)), **flags)
+    else:
+        nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
+        _packed_gemv_kernel[grid](x, weight, *common, N, K, weight.shape[1], residual_scale, QTYPE=qt.name,
+                                  BLOCK_ELEMS=qt.block_elems, NB=nb, **flags)
+    return out
+
+
+@triton.jit
+def _multiply_add(x, w, acc, dtype: tl.constexpr):
+    """acc [BLOCK_T, BLOCK_N] + x [BLOCK_T, E] @ w [BLOCK_N, E]^T, both fp32 rounded to dtype first (x's values
+    are dtype's already; fp32: exact fp32 products). tl.dot needs E >= 16; a narrower step (a plain type's single
+    element) multiplies and sums."""
+    x = x.to(dtype)
+    w = w.to(dtype)
+    if w.shape[1] >= 16:
+        if dtype == tl.float32:
+            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(x, tl.trans(w), acc)
+    return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
+def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, N, K, row_bytes, stride_x, residual_scale,
+                        QTYPE: tl.constexpr, BLOCK_ELEMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                        PDL: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] weight rows: output columns
+    n_mask = n < N
+    t = tl.arange(0, BLOCK_T)  # [BLOCK_T] x rows, padded
+    t_mask = (t < T)[:, None]  # [BLOCK_T, 1]
+    x_rows = x_ptr + t[:, None] * stride_x  # [BLOCK_T, 1]
+    row_off = n.to(tl.int64) * row_bytes  # [BLOCK_N]
+    n_blocks = K // BLOCK_ELEMS
+    n_groups = n_blocks // NB
+    GROUP: tl.constexpr = NB * BLOCK_ELEMS
+    w, cols = _decode_group(w_ptr, row_off, 0, n_groups, n_mask, QTYPE, NB)  # [BLOCK_N, GROUP], [GROUP]
+    pdl.enter(PDL)
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for g in range(0, n_groups):
+        x = _x_at(x_rows, K, g * GROUP + cols[None, :], t_mask, False)  # [BLOCK_T, GROUP]
+        w_next, _ = _decode_group(w_ptr, row_off, g + 1, n_groups, n_mask, QTYPE, NB)
+        acc = _multiply_add(x, w, acc, dtype)
+        w = w_next
+    for block in range(n_groups * NB, n_blocks):  # the last n_blocks % NB blocks, one at a time
+        w_block, block_cols = quant.decode(w_ptr, row_off, block, n_mask, QTYPE, 1)  # [BLOCK_N, BLOCK_ELEMS]
+        x_block = _x_at(x_rows, K, block * BLOCK_ELEMS + block_cols[None, :], t_mask, False)
+        acc = _multiply_add(x_block, w_block, acc, dtype)
+    _epilogue(acc, n[None, :], t[:, None] * N + n[None, :], t_mask & n_mask[None, :], b_ptr, r_ptr, out_ptr,
+              residual_scale, dtype, HAS_BIAS, RESIDUAL)
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, qtype, bias: torch.Tensor | None = None,
+                gated: bool = False, residual: torch.Tensor | None = None, residual_scale: float = 1.0,
+                block_n: int = 16, block_k: int = 128, num_warps: int = 4) -> torch.Tensor:
+    """`reference` for a few rows (speculative verification, short prefill chunks): x [T, K] (or [T, 2K] gated),
+    1 <= T <= 16, with a contiguous last dim; weight uint8 [N, row_bytes] of qtype, contiguous; residual [T, N]
+    contiguous -> new [T, N]. Each program decodes block_n weight rows, block_k elements at a time (as gemv),
+    and multiplies them with all T rows (padded to 16) on the tensor cores. Gated x goes through
+    activation.silu_mul first: read inside, every program would recompute the SiLU of all T rows, and the two
+    fp32 x tiles crowd out the decoded weights' registers.
+
+    Equal to `reference` up to the order of the fp32 sums for fp32 x (exact fp32 products, on the FMA units: a
+    precision mode, slow on a GPU). For fp16/bf16 x each dequantized weight is rounded to x's dtype before its
+    product: before the output's rounding, |y - reference| <= u * sum_k |w_k x_k| (u = 2^-11 for fp16, 2^-8 for
+    bf16) plus the fp32 sums' own rounding, then one rounding of the output."""
+    qt, N, K = _packed_shape(weight, qtype)
+    T = x.shape[0]
+    assert 1 <= T <= 16 and x.shape == (T, 2 * K if gated else K) and x.stride(1) == 1
+    assert residual is None or (residual.shape == (T, N) and residual.is_contiguous())
+    if gated:
+        x = activation.silu_mul(x)  # [T, K]
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device)  # [T, N]
+    nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
+    _skinny_gemm_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, weight if bias is None else bias, weight if residual is None else residual, out, T, N, K,
+        weight.shape[1], x.stride(0), residual_scale, QTYPE=qt.name, BLOCK_ELEMS=qt.block_elems,
+        HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_T=16, BLOCK_N=block_n,
+        NB=nb, num_warps=num_warps, **pdl.launch(x.device))
     return out

@@ -5,7 +5,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kerne
 import pytest
 import torch
 
-from infer.kernels import activation, gemv
+from infer.kernels import activation, gemv, quant
+from test_quant import FP16_FIELDS, PLAIN_DTYPES, random_blocks
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
@@ -64,3 +65,147 @@ def test_argmax_packed_by_the_gemv(N, block_n, ties):
         assert int(token) == int(y[0].argmax()) and (not ties or int(token) == 17)
         assert (best == -(1 << 63)).all()
         assert positions.tolist() == [[6 + i, 7 + i, 8 + i], [7 + i, 8 + i, 9 + i]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed GGUF weights (kernels.quant's types)
+
+# Blocks per row and block_k of the packed tests: whole groups of NB blocks, then NB = 1 steps for the rest.
+RAGGED = {1: (29, 8), 32: (5, 64), 256: (3, 512)}  # block_elems -> (blocks per row, block_k)
+# The distance in a block between the elements of a byte's low and high nibble (plain types: neighbours).
+NIBBLE_PARTNER = {"Q4_K": 32, "Q5_K": 32, "Q6_K": 64}
+
+
+def packed_weight(name: str, N: int, n_blocks: int, seed: int) -> torch.Tensor:
+    """uint8 [N, n_blocks * block_bytes]: tests/test_quant.py's random valid blocks with every fp16 scale drawn
+    from N(0, 1) / 256 (plain types: N(0, 1) values), so that fp16 outputs stay far inside fp16's range."""
+    qt = quant.quant_type(name)
+    gen = torch.Generator().manual_seed(seed)
+    if name in PLAIN_DTYPES:
+        return torch.randn(N, n_blocks, generator=gen).to(PLAIN_DTYPES[name]).view(torch.uint8).reshape(N, -1)
+    blocks = random_blocks(name, N, n_blocks, seed).reshape(N, n_blocks, qt.block_bytes)
+    for at in FP16_FIELDS[name]:
+        scales = (torch.randn(N, n_blocks, generator=gen) / 256).half()
+        blocks[..., at:at + 2] = scales[..., None].view(torch.uint8)
+    return blocks.reshape(N, -1)
+
+
+def packed_inputs(name, N, T, dtype, gated=False, bias=False, residual=False, residual_scale=1.0, seed=0):
+    """gemv / skinny_gemm / reference arguments for T rows of x over a packed weight of RAGGED's blocks per row,
+    and the block_k that walks them in whole groups and single blocks."""
+    qt = quant.quant_type(name)
+    n_blocks, block_k = RAGGED[qt.block_elems]
+    nb = gemv.group_blocks(n_blocks, block_k // qt.block_elems)
+    assert n_blocks // nb >= 1 and n_blocks % nb >= 1  # both loops run
+    K = n_blocks * qt.block_elems
+    gen = torch.Generator().manual_seed(seed)
+    args = dict(x=torch.randn(T, 2 * K if gated else K, generator=gen).to(dtype),  # [T, K] or [T, 2K]
+                weight=packed_weight(name, N, n_blocks, seed), qtype=name, gated=gated,
+                bias=torch.randn(N, generator=gen).to(dtype) if bias else None,
+                residual=(4 * torch.randn(T, N, generator=gen)).to(dtype) if residual else None,
+                residual_scale=residual_scale)
+    return args, block_k
+
+
+def magnitude(args) -> torch.Tensor:
+    """sum_k |w_k x_k| of each output [T, N] (x after the gating): the scale of its rounding errors."""
+    x = activation.reference(args["x"]) if args["gated"] else args["x"]
+    return x.float().abs() @ quant.reference(args["weight"], args["qtype"]).abs().T
+
+
+def assert_near(got, ref, args, dtype):
+    """Equal up to fp32 sums in another order, then one rounding to dtype (of y and of the residual add)."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    rounding = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
+    bound = 1e-5 * magnitude(args) + rounding * (ref.float().abs() + magnitude(args) * args["residual_scale"])
+    assert ((got.float() - ref.float()).abs() <= bound).all()
+
+
+def test_group_blocks():
+    """The power of two up to the cap that walks the row in the fewest steps (groups, then single blocks)."""
+    assert gemv.group_blocks(16, 4) == 4  # Q4_K, K = 4096: 4 groups
+    assert gemv.group_blocks(152, 32) == 16  # Q8_0, K = 4864: 9 groups and 8 blocks (32: 4 + 24 steps)
+    assert gemv.group_blocks(28, 32) == 8  # 3 groups and 4 blocks, as few steps as 4 x 7 groups
+    assert gemv.group_blocks(37, 32) == 32 and gemv.group_blocks(5, 0) == 1
+
+
+@pytest.mark.parametrize("name", quant.QUANT_TYPES)
+@pytest.mark.parametrize("dtype, options", [
+    (torch.float32, {}),
+    (torch.float16, dict(gated=True, bias=True, residual=True, residual_scale=0.5)),
+])
+def test_packed_gemv_matches_reference(name, dtype, options):
+    """13 rows in programs of 4 (the last ragged), each row whole groups then single blocks."""
+    args, block_k = packed_inputs(name, 13, 1, dtype, **options, seed=len(name))
+    got = gemv.gemv(**args, block_n=4, block_k=block_k)
+    assert_near(got, gemv.reference(**args), args, dtype)
+
+
+@pytest.mark.parametrize("name, ties", [("Q4_K", False), ("Q8_0", True), ("Q6_K", True)])
+def test_packed_gemv_packs_the_argmax(name, ties):
+    """On packed weights too, the argmax buffer ends up holding torch.argmax of the rounded output, the first
+    index among equal maxima across programs."""
+    args, block_k = packed_inputs(name, 37, 1, torch.float16, seed=5)
+    best, token = gemv.argmax_buffer(args["x"].device), torch.zeros(1, dtype=torch.long)
+    if ties:  # rows 3, 20 and 30 (three programs) copy the largest output's row
+        top = int(gemv.reference(**args)[0].argmax())
+        args["weight"][[3, 20, 30]] = args["weight"][top].clone()
+    y = gemv.gemv(**args, argmax=best, block_n=4, block_k=block_k, out_dtype=torch.float32)
+    gemv.take_argmax(best, token)
+    assert torch.equal(y, y.half().float())  # rounded to x's dtype
+    assert int(token) == int(y[0].argmax()) and (not ties or int(token) == min(3, top))
+    assert_near(y.half(), gemv.reference(**args), args, torch.float16)
+
+
+def test_reference_dequantizes_in_chunks(monkeypatch):
+    """A large packed weight is dequantized a few rows at a time: same result as all at once."""
+    args, _ = packed_inputs("Q4_K", 13, 3, torch.float32)
+    whole = gemv.reference(**args)
+    monkeypatch.setattr(gemv, "_REFERENCE_CHUNK", 4 * 768)  # 4 rows of K = 768
+    torch.testing.assert_close(gemv.reference(**args), whole, rtol=1e-6, atol=1e-6 * float(magnitude(args).max()))
+
+
+SKINNY_OPTIONS = [{}, dict(bias=True), dict(gated=True), dict(residual=True, residual_scale=0.5)]
+
+
+@pytest.mark.parametrize("i, name", list(enumerate(quant.QUANT_TYPES)))
+def test_skinny_gemm_matches_reference(i, name):
+    """fp32 rows: the reference up to the order of the sums; T and the fusion vary with the type."""
+    T, options = (2, 5, 8, 16)[i % 4], SKINNY_OPTIONS[i % len(SKINNY_OPTIONS)]
+    args, block_k = packed_inputs(name, 21, T, torch.float32, **options, seed=i)
+    got = gemv.skinny_gemm(**args, block_n=16, block_k=block_k)
+    assert_near(got, gemv.reference(**args), args, torch.float32)
+
+
+@pytest.mark.parametrize("T, name", [(2, "Q4_K"), (5, "Q8_0"), (8, "Q6_K"), (16, "Q5_0")])
+def test_skinny_gemm_fp16_within_the_stated_bound(T, name):
+    """fp16 rows: each weight is rounded to fp16 before its product, so |y - reference| <= 2^-11 sum |w x| (plus
+    the sums' order) before the output's rounding: one fp16 rounding more."""
+    args, block_k = packed_inputs(name, 21, T, torch.float16, seed=T)
+    got, ref = gemv.skinny_gemm(**args, block_n=16, block_k=block_k), gemv.reference(**args)
+    bound = (2.0 ** -11 + 1e-5) * magnitude(args) + 2.0 ** -10 * ref.float().abs()
+    err = (got.float() - ref.float()).abs()  # [T, N]
+    assert got.shape == (T, 21) and (err <= bound).all()
+    assert err.max() > 0  # the rounding of the weights shows: the test measures what it states
+
+
+@pytest.mark.parametrize("name", quant.QUANT_TYPES)
+def test_each_weight_lands_in_its_place(name):
+    """One-hot rows of x read single weights: every output equals the element of the dequantized weight bit for
+    bit, so a permuted row, block or element (e.g. swapped nibbles) fails. Blocks with edge values (test_quant's
+    random_blocks); the positions come with their nibble partners, whose weights differ."""
+    qt = quant.quant_type(name)
+    n_blocks, block_k = RAGGED[qt.block_elems]
+    K = n_blocks * qt.block_elems
+    weight = random_blocks(name, 9, n_blocks, seed=7)
+    ref = quant.reference(weight, name)  # [9, K]
+    partner = NIBBLE_PARTNER.get(name, {1: 1, 32: 16}.get(qt.block_elems))
+    first = torch.randperm(K, generator=torch.Generator().manual_seed(len(name)))[:8]
+    positions = torch.cat([first, first ^ partner])  # [16]
+    assert all(not torch.equal(ref[:, p], ref[:, q]) for p, q in zip(first, first ^ partner))
+    assert len(set(map(tuple, ref.tolist()))) == 9  # distinct rows
+    x = torch.eye(K)[positions]  # [16, K]
+    assert torch.equal(gemv.skinny_gemm(x, weight, name, block_n=16, block_k=block_k), ref[:, positions].T)
+    for p in positions[[0, 8]]:
+        got = gemv.gemv(x[positions.tolist().index(p)][None], weight, qtype=name, block_n=4, block_k=block_k)
+        assert torch.equal(got[0], ref[:, p])
