@@ -13,7 +13,7 @@ FLAGS = {
     "repetition_penalty": "--repetition-penalty", "seed": "--seed", "max_tokens": "--max-tokens", "stop": "--stop",
     "max_context": "--max-context", "device": "--device", "dtype": "--dtype", "mode": "--sparse",
     "topk": "--sparse-topk", "block_size": "--block-size", "window_size": "--window", "dense_len": "--dense-len",
-    "max_draft": "--draft-tokens", "fr_spec": "--fr-spec", "draft": "--draft",
+    "max_draft": "--draft-tokens", "fr_spec": "--fr-spec", "draft": "--draft", "quantize": "--quantize",
 }
 
 
@@ -45,6 +45,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, metavar="N",
                    help="tokens the KV cache holds (default: the model's context, lowered to what fits in memory)")
     p.add_argument("--eager", action="store_true", help="run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="quantize a float model's matrices as they load: int8 = Q8_0 blocks, int4 = Q4_0 blocks "
+                        "(round to nearest, symmetric, one fp16 scale per 32 weights)")
     g = p.add_argument_group("block-sparse attention (defaults: the model's sparse_config, else MiniCPM4's)")
     g.add_argument("--sparse", choices=("auto", "on", "off"),
                    help="auto: dense up to --dense-len tokens, sparse past it (default); on: always sparse; off: always dense")
@@ -114,7 +117,8 @@ def load_engine(args, sparse: dict | None = None):
 
     engine = Engine(resolve_model(args.model, args.revision), device=args.device, dtype=args.dtype,
                     max_context=args.max_context, sparse=sparse or sparse_overrides(args),
-                    progress=sys.stderr.isatty(), cuda_graphs=not args.eager, **speculative_options(args))
+                    progress=sys.stderr.isatty(), cuda_graphs=not args.eager, quantize=args.quantize,
+                    **speculative_options(args))
     if engine.context_note:
         print(f"infer: note: {engine.context_note} (--max-context sets it)", file=sys.stderr)
     return engine
@@ -156,7 +160,7 @@ def cmd_serve(args) -> None:
 def cmd_pull(args) -> None:
     from infer.weights.catalogue import pull_model
 
-    print(pull_model(args.name, args.revision))
+    print(pull_model(args.name, args.revision, args.convert))
 
 
 def cmd_list(args) -> None:
@@ -193,7 +197,16 @@ def cmd_bench(args) -> None:
         return cmd_bench_attention(args)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
-    model = bench.random_model(args.shape, device, dtype)
+    if args.model is not None:
+        if args.quant is not None:
+            raise InferError("--quant makes random weights at --shape; a model file runs in its own format")
+        from infer.weights.catalogue import resolve_model
+
+        model = bench.file_model(resolve_model(args.model), device, dtype)
+        title = f"{args.model}"
+    else:
+        model = bench.random_model(args.shape, device, dtype, args.quant)
+        title = f"{args.shape} (random weights{', ' + args.quant if args.quant else ''})"
     sparse = sparse_config(model.cfg.sparse, mode=args.sparse)
     bandwidth = bench.copy_bandwidth(device)
     rows = [bench.run_prefill(model, n, sparse, graphs=not args.eager) for n in args.prompt_tokens]
@@ -203,7 +216,7 @@ def cmd_bench(args) -> None:
         print(json.dumps([{**vars(r), "tok_per_s": r.tok_per_s} for r in rows]))
         return
     decode = "eager" if args.eager or device.type != "cuda" else "CUDA graphs"
-    table = Table(title=f"{args.shape} (random weights), {dtype}, {_device_name(device)}, sparse {args.sparse}, {decode}; "
+    table = Table(title=f"{title}, {dtype}, {_device_name(device)}, sparse {args.sparse}, {decode}; "
                         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for column in ("test", "depth", "tok/s", "ms/tok", "roofline tok/s", "% of roofline", "peak extra GB"):
         table.add_column(column, justify="right")
@@ -316,7 +329,7 @@ def cmd_eval(args) -> None:
         ruler.check_request(model_dir, args.max_context, tasks, args.lengths, samples)
     dense = load_engine(args, {"mode": "off"})
     sparse = load_engine(args, {**sparse_overrides(args), "mode": args.sparse or "on"})
-    settings, dtype = dict(vars(sparse.sparse)), str(dense.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    settings, dtype = dict(vars(sparse.sparse)), str(dense.model.dtype).removeprefix("torch.")
     say = Console(stderr=True, highlight=False, markup=False).print
 
     def progress(r):
@@ -482,8 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_speculative_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="prefill/decode throughput on random weights at a real model shape")
+    bench = sub.add_parser("bench", help="prefill/decode throughput on random weights at a real model shape, or of a "
+                                         "model file")
+    bench.add_argument("model", nargs="?", help="a model (folder, .gguf file, catalogue name) instead of --shape")
     bench.add_argument("--shape", default="llama3-8b", help="named shape: llama3-8b, qwen2.5-7b, minicpm4-8b, smollm2-135m")
+    bench.add_argument("--quant", choices=("q4_k_m", "q8_0", "int4", "int8"),
+                       help="random weights in these GGML types (q4_k_m: as llama-quantize's Q4_K_M; int4/int8: as "
+                            "--quantize makes them) instead of --dtype")
     bench.add_argument("-p", "--prompt-tokens", type=_int_list, default=[512], help="prefill lengths, comma-separated")
     bench.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens decoded per tg row")
     bench.add_argument("-d", "--depths", type=_int_list, default=[0], help="cached tokens before decoding, comma-separated")
@@ -534,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "models folder) or a Hugging Face repo id ORG/NAME[:QUANT] (into its cache)")
     pull.add_argument("name")
     pull.add_argument("--revision", help="branch, tag or commit of a Hugging Face repo id (default: main)")
+    pull.add_argument("--convert", action="store_true",
+                      help="a catalogue model: also convert its GGUF into a bf16 Hugging Face folder (it runs as the "
+                           "GGUF it is without this)")
     pull.set_defaults(func=cmd_pull)
 
     ls = sub.add_parser("list", help="the models on this machine: the models folder and the Hugging Face cache")

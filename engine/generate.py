@@ -8,16 +8,16 @@ from pathlib import Path
 import torch
 
 from .attention import latest_read
-from .config import ModelConfig, sparse_config
+from .config import sparse_config
 from .cuda_graph import GraphedDecode
 from .device import PendingInt, parse_device, parse_dtype, synchronize
 from .errors import ContextOverflow, InferError
 from .memory import fit_context, model_memory
-from .sampling import Sampler, SamplingParams, generation_defaults
+from .sampling import Sampler, SamplingParams
 from .speculative import MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, check_same_vocabulary, verify
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder
 from .model import prefill, reusable_prefix
-from .weights import load_model
+from .weights import Checkpoint, load_model
 
 PREFILL_CHUNK = 4096  # tokens per forward pass while prefilling: bounds the activations of long prompts
 
@@ -80,31 +80,36 @@ class Engine:
     def __init__(self, model_dir: Path, device: str | None = None, dtype: str | None = None,
                  max_context: int | None = None, sparse: dict | None = None, progress: bool = True,
                  draft: Path | None = None, lookup: bool | None = None, fr_spec: int | None = None,
-                 max_draft: int = MAX_DRAFT, cuda_graphs: bool = True):
+                 max_draft: int = MAX_DRAFT, cuda_graphs: bool = True, quantize: str | None = None):
         """sparse: overrides of the model's sparse_config (mode, topk, block_size, window_size, dense_len, ...).
         draft, lookup, fr_spec, max_draft: speculative decoding, see speculative.SpeculativeConfig.
         cuda_graphs: replay decode steps from CUDA graphs (on CUDA; False runs them eagerly).
+        quantize: "int8" or "int4": a float checkpoint's matrices quantized as they load (weights.QUANTIZE).
         Everything is checked before the weights load: a bad value raises InferError (ParameterError naming the
         parameter), and so does a model that does not fit the device's free memory. max_context None: the model's
         context, lowered to what fits (then context_note says so)."""
         speculative = SpeculativeConfig(draft, lookup, fr_spec, max_draft)
         self.device = parse_device(device)
         dtype = parse_dtype(dtype, self.device)
-        self.model_dir = model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise InferError(f"model folder {model_dir} does not exist")
-        cfg = ModelConfig.from_dir(model_dir)
+        checkpoint = Checkpoint(model_dir)
+        self.model_dir = checkpoint.path
+        cfg = checkpoint.config()
         self.sparse = sparse_config(cfg.sparse, **(sparse or {}))  # None: dense attention only
-        self.defaults = generation_defaults(model_dir)
-        self.tokenizer = Tokenizer.from_dir(model_dir)
-        draft_cfg = None
+        self.defaults = checkpoint.generation_defaults()
+        self.tokenizer = checkpoint.tokenizer()
+        packed = self.device.type == "cuda"  # quantized weights stay in their blocks (engine/linear.py)
+        needs = [model_memory(cfg, checkpoint.weight_bytes(cfg, dtype, packed, quantize), dtype, PREFILL_CHUNK,
+                              self.sparse)]
+        drafter = None
         if draft is not None:
-            check_same_vocabulary(Tokenizer.from_dir(draft), self.tokenizer, Path(draft).name)
-            draft_cfg = ModelConfig.from_dir(draft)
-        needs = [model_memory(c, dtype, PREFILL_CHUNK, s) for c, s in ((cfg, self.sparse), (draft_cfg, None)) if c]
+            drafter = Checkpoint(draft)
+            check_same_vocabulary(drafter.tokenizer(), self.tokenizer, drafter.path.name)
+            draft_cfg = drafter.config()
+            needs.append(model_memory(draft_cfg, drafter.weight_bytes(draft_cfg, dtype, packed), dtype, PREFILL_CHUNK,
+                                      None))
         self.model_context = cfg.max_position_embeddings
         self.max_len, self.context_note = fit_context(needs, self.device, max_context, self.model_context)
-        self.model = load_model(model_dir, cfg, self.device, dtype, progress=progress)
+        self.model = load_model(checkpoint, cfg, self.device, dtype, progress=progress, quantize=quantize)
         self.cache = self.model.new_cache(self.max_len, self.sparse)
         self.decode = GraphedDecode(self.model, self.cache, cuda_graphs)
         self.tokens: list[int] = []  # the tokens whose keys and values the cache holds, in order
@@ -114,9 +119,9 @@ class Engine:
         self.stats = Stats()
         self.speculator = None
         if speculative.enabled:
-            drafter = DraftModel(draft, draft_cfg, cfg.vocab_size, self.device, dtype, self.max_len, PREFILL_CHUNK,
-                                 progress, cuda_graphs) if draft is not None else None
-            self.speculator = Speculator(speculative, drafter, self.eos_ids)
+            draft_model = DraftModel(drafter, draft_cfg, cfg.vocab_size, self.device, dtype, self.max_len,
+                                     PREFILL_CHUNK, progress, cuda_graphs) if drafter is not None else None
+            self.speculator = Speculator(speculative, draft_model, self.eos_ids)
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """The model's generation_config defaults, overridden by the given non-None values."""

@@ -8,7 +8,6 @@ import torch
 from .config import ModelConfig, SparseConfig
 from .device import free_memory
 from .errors import InferError, ParameterError
-from .model import Transformer
 
 GB = 1e9
 MIN_CONTEXT = 256  # a fitted context below this is refused: the model would be of no use
@@ -29,18 +28,16 @@ class ModelMemory:
         return self.weights + self.work + self.per_token * context
 
 
-def model_memory(cfg: ModelConfig, dtype: torch.dtype, chunk: int, sparse: SparseConfig | None) -> ModelMemory:
-    with torch.device("meta"):
-        model = Transformer(cfg)  # sizes only: nothing is allocated
-    params = sum(p.numel() for p in model.parameters())
-    if cfg.tie_word_embeddings:
-        params -= model.lm_head.weight.numel()
+def model_memory(cfg: ModelConfig, weight_bytes: int, dtype: torch.dtype, chunk: int,
+                 sparse: SparseConfig | None) -> ModelMemory:
+    """What a model of `cfg` whose weights take weight_bytes needs, with activations in `dtype`, prefill chunks of
+    `chunk` tokens and a KV cache with summaries when sparse."""
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
     summaries = 0 if sparse is None else cfg.num_layers * cfg.num_kv_heads * cfg.head_dim / sparse.kernel_stride
     # a chunk's activations in float32 at most: the residual stream and norms, q/k/v, gate/up and the activation
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     work = chunk * (4 * cfg.hidden_size + 2 * qkv + 3 * cfg.intermediate_size) * 4 + cfg.vocab_size * 4 * 8
-    return ModelMemory(params * dtype.itemsize, work, int((kv + summaries) * dtype.itemsize + 1))
+    return ModelMemory(weight_bytes, work, int((kv + summaries) * dtype.itemsize + 1))
 
 
 def fit_context(models: list[ModelMemory], device: torch.device, requested: int | None,

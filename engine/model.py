@@ -11,7 +11,7 @@ from infer.kernels import norm
 from .attention import SelectionRecord, attend, uses_sparse
 from .config import ModelConfig, SparseConfig
 from .kv_cache import KVCache, Positions
-from .linear import Linear
+from .linear import Embedding, Linear
 from .rope import Rope, rope_append
 
 
@@ -108,26 +108,28 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope: Rope | None = None  # set by `setup` once the weights are on their device
+        self.dtype: torch.dtype | None = None  # likewise
 
-    def setup(self, device: torch.device) -> None:
-        """Finish construction on `device` once the checkpoint's weights are in: rope tables, tied embeddings, and the
-        q/k/v and gate/up projections fused (one weight read each per token)."""
+    def setup(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Finish construction on `device` once the checkpoint's weights are in (dtype: the activations' and the KV
+        cache's): rope tables, tied embeddings, and the q/k/v and gate/up projections fused (one weight read each per
+        token)."""
+        self.dtype = self.embed_tokens.dtype = dtype
         self.rope = Rope(self.cfg, device)
         if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.lm_head.weight, self.lm_head.qtype = self.embed_tokens.weight, self.embed_tokens.qtype
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
     def new_cache(self, max_len: int, sparse: SparseConfig | None = None) -> KVCache:
-        w = self.embed_tokens.weight
-        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, w.dtype, w.device, sparse,
-                       self.rope)
+        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, self.dtype,
+                       self.rope.device, sparse, self.rope)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1, pos: Positions | None = None,

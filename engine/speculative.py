@@ -24,7 +24,7 @@ from .errors import InferError, ParameterError
 from .sampling import Sampler, apply_repetition_penalty, probabilities
 from .tokenizer import Tokenizer
 from .model import prefill, reusable_prefix
-from .weights import load_model
+from .weights import Checkpoint, load_model
 
 MAX_DRAFT = DECODE_MAX_QUERIES - 1  # drafted tokens per step: the k + 1 queries verified fit the decode path
 LOOKUP_MIN_PROMPT = 1024  # lookup=None turns n-gram lookup on for prompts at least this long
@@ -116,10 +116,10 @@ def check_same_vocabulary(draft: Tokenizer, target: Tokenizer, name: str) -> Non
 class DraftModel:
     """A smaller model with the target's tokenizer and its own dense KV cache, drafting k tokens autoregressively."""
 
-    def __init__(self, path: Path, cfg: ModelConfig, target_vocab: int, device: torch.device, dtype: torch.dtype,
-                 max_len: int, chunk: int, progress: bool = True, cuda_graphs: bool = True):
-        """cfg: the draft model folder's config; its tokenizer must be the target's (check_same_vocabulary)."""
-        self.model = load_model(path, cfg, device, dtype, progress=progress)
+    def __init__(self, checkpoint: Checkpoint, cfg: ModelConfig, target_vocab: int, device: torch.device,
+                 dtype: torch.dtype, max_len: int, chunk: int, progress: bool = True, cuda_graphs: bool = True):
+        """cfg: the draft checkpoint's config; its tokenizer must be the target's (check_same_vocabulary)."""
+        self.model = load_model(checkpoint, cfg, device, dtype, progress=progress)
         cfg = self.model.cfg
         self.cache = self.model.new_cache(min(max_len, cfg.max_position_embeddings))
         self.decode = GraphedDecode(self.model, self.cache, cuda_graphs)

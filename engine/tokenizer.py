@@ -62,10 +62,20 @@ class Tokenizer:
         contents = {name: _content(config.get(name), str(config_file), name) for name in SPECIAL_TOKEN_NAMES}
         special = {name: content for name, content in contents.items() if content}
         if (path / "tokenizer.json").is_file():
-            return _TokenizersTokenizer(path / "tokenizer.json", template, special)
+            try:
+                tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises plain Exception on a bad file
+                raise InferError(f"corrupt tokenizer file {path / 'tokenizer.json'}: {e}") from e
+            return _TokenizersTokenizer(tok, template, special)
         if (path / "tokenizer.model").is_file():
             return _SentencePieceTokenizer(path / "tokenizer.model", config, template, special)
         raise InferError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model")
+
+    @staticmethod
+    def from_gguf(tokenizer: tokenizers.Tokenizer, config: dict) -> "Tokenizer":
+        """The tokenizer of a GGUF model (engine/gguf.py builds both from the file's metadata)."""
+        special = {name: config[name] for name in SPECIAL_TOKEN_NAMES if config.get(name)}
+        return _TokenizersTokenizer(tokenizer, config.get("chat_template"), special)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise NotImplementedError
@@ -104,11 +114,8 @@ class Tokenizer:
 class _TokenizersTokenizer(Tokenizer):
     """tokenizer.json through the `tokenizers` library, which does everything: added tokens, bos/eos, decoding."""
 
-    def __init__(self, file: Path, chat_template: str | None, special: dict[str, str]):
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises plain Exception on a bad file
-            raise InferError(f"corrupt tokenizer file {file}: {e}") from e
+    def __init__(self, tok: tokenizers.Tokenizer, chat_template: str | None, special: dict[str, str]):
+        self._tok = tok
         # As transformers: the special tokens named in tokenizer_config.json always encode as one id.
         added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
         self._tok.add_special_tokens(

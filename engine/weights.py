@@ -1,4 +1,5 @@
-"""Load safetensors checkpoints (single file or sharded) tensor by tensor onto the target device and dtype."""
+"""Load checkpoints tensor by tensor onto the target device and dtype: safetensors folders (single file or sharded)
+and GGUF files (their quantized weights kept in their blocks where the kernels read them)."""
 
 from pathlib import Path, PurePosixPath
 
@@ -6,9 +7,15 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError, safe_open
 
+from infer.kernels import quant
+
 from .config import ModelConfig, read_json_object
-from .errors import InferError
+from .errors import InferError, ParameterError
+from .gguf import GGUFTensor, gguf_file, read_gguf
+from .linear import Embedding, Linear
 from .model import Transformer
+from .sampling import generation_defaults
+from .tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -46,48 +53,130 @@ def _inside(name: str) -> bool:
     return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\\" not in name
 
 
-def load_model(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-               progress: bool = True) -> Transformer:
-    """Build the model of `cfg` (the folder's config) on the meta device, then fill it one tensor at a time from the
-    memory-mapped checkpoint."""
-    path = Path(path)
-    files = checkpoint_files(path)
+class Checkpoint:
+    """A model on disk: a Hugging Face folder (config.json, safetensors, tokenizer files, generation_config.json) or
+    a GGUF file (engine/gguf.py), which holds all of that in its metadata and keeps its weights quantized."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.gguf = None
+        file = gguf_file(self.path)
+        if file is not None:
+            self.path, self.gguf = file, read_gguf(file)
+        elif not self.path.is_dir():
+            raise InferError(f"model folder {self.path} does not exist")
+
+    def config(self) -> ModelConfig:
+        if self.gguf is not None:
+            return ModelConfig.from_dict(self.gguf.config, source=self.path.name)
+        return ModelConfig.from_dir(self.path)
+
+    def tokenizer(self) -> Tokenizer:
+        if self.gguf is not None:
+            return Tokenizer.from_gguf(self.gguf.tokenizer, self.gguf.tokenizer_config)
+        return Tokenizer.from_dir(self.path)
+
+    def generation_defaults(self) -> dict:
+        """Sampling defaults (a GGUF file has none)."""
+        return {} if self.gguf is not None else generation_defaults(self.path)
+
+    def weight_bytes(self, cfg: ModelConfig, dtype: torch.dtype, packed: bool, quantize: str | None = None) -> int:
+        """The bytes the weights take once loaded: when packed, a GGUF's quantized tensors as the file holds them,
+        or with `quantize` every matrix in that format's blocks; every other weight (and all of them unpacked) in
+        `dtype`."""
+        with torch.device("meta"):
+            model = Transformer(cfg)  # sizes only: nothing is allocated
+        tied = model.lm_head if cfg.tie_word_embeddings else None  # its weight is the embedding's
+        params = sum(p.numel() for p in model.parameters()) - (tied.weight.numel() if tied else 0)
+        matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, (Linear, Embedding)) and m is not tied)
+        if not packed:
+            return params * dtype.itemsize
+        if quantize is not None:
+            qt = QUANTIZE[quantize]
+            return matrices // qt.block_elems * qt.block_bytes + (params - matrices) * dtype.itemsize
+        if self.gguf is None:
+            return params * dtype.itemsize
+        blocks = [t for _, t in self.gguf.infos() if len(t.shape) == 2 and t.type_code not in FLOATS]
+        elements = sum(t.shape[0] * t.shape[1] for t in blocks)
+        return sum(t.n_bytes for t in blocks) + (params - elements) * dtype.itemsize
+
+
+FLOATS = {quant.QUANT_TYPES[name].code for name in ("F32", "F16", "BF16")}  # GGML types no kernel decodes
+# --quantize: a float checkpoint's matrices rounded to the nearest in these blocks as they load (symmetric, one fp16
+# scale per 32 weights: 8.5 and 4.5 bits a weight), so they run through the GGUF kernels
+QUANTIZE = {"int8": quant.QUANT_TYPES["Q8_0"], "int4": quant.QUANT_TYPES["Q4_0"]}
+
+
+def load_model(checkpoint: Checkpoint, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+               progress: bool = True, packed: bool | None = None, quantize: str | None = None) -> Transformer:
+    """Build the model of `cfg` (the checkpoint's config) on the meta device, then fill it one tensor at a time from
+    the memory-mapped checkpoint. packed: keep quantized weights in their blocks (default: on CUDA; see
+    engine/linear.py). quantize: "int8" or "int4" (QUANTIZE), for a float checkpoint's matrices."""
+    if quantize is not None and (quantize not in QUANTIZE or checkpoint.gguf is not None):
+        raise ParameterError("quantize", f"must be one of {', '.join(QUANTIZE)}, for a float checkpoint"
+                                         + (" (a GGUF is quantized already)" if checkpoint.gguf is not None else ""))
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.named_parameters())
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for ckpt_name, file in files.items():
-        name = ckpt_name.removeprefix("model.")
-        if name in expected:
-            by_file.setdefault(file, []).append((ckpt_name, name))
-    found = {name for pairs in by_file.values() for _, name in pairs}
-    missing = [n for n in expected if n not in found]
-    if missing:
-        raise InferError(f"{path} lacks the weight {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-
+    packed = device.type == "cuda" if packed is None else packed
     with Progress(
         TextColumn("loading weights"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
         disable=not progress, transient=True,
     ) as bar:
-        task = bar.add_task("load", total=len(found))
-        for file, pairs in by_file.items():
-            try:
-                with safe_open(file, "pt") as f:
-                    for ckpt_name, name in pairs:
-                        tensor = f.get_tensor(ckpt_name)
-                        _assign(model, name, tensor, expected[name].shape, device, dtype)
-                        bar.advance(task)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise InferError(f"cannot read weights from {file.name}: the file is truncated or corrupt ({e})") from None
-    model.setup(device)
+        task = bar.add_task("load", total=len(expected))
+        tensors = _gguf_tensors(checkpoint) if checkpoint.gguf is not None else _safetensors(checkpoint.path, expected)
+        loaded = set()
+        for name, tensor in tensors:
+            name = name.removeprefix("model.")
+            if name not in expected:
+                continue
+            if quantize is not None and name.endswith("weight") and isinstance(
+                    model.get_submodule(name.rpartition(".")[0]), (Linear, Embedding)):
+                qt = QUANTIZE[quantize]
+                tensor = GGUFTensor(name, qt, quant.quantize(tensor.to(device), qt), tuple(tensor.shape))
+            _assign(model, name, tensor, expected[name].shape, device, dtype, packed)
+            loaded.add(name)
+            bar.advance(task)
+    missing = [n for n in expected if n not in loaded]
+    if missing:
+        raise InferError(f"{checkpoint.path} lacks the weight {missing[0]}" +
+                         (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    model.setup(device, dtype)
     return model
 
 
-def _assign(model: Transformer, name: str, tensor: torch.Tensor, shape: torch.Size, device, dtype) -> None:
-    if tensor.shape != shape:
-        raise InferError(f"weight {name} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}")
+def _safetensors(path: Path, expected: dict):
+    """(checkpoint name, tensor) of a folder's safetensors, one at a time, those the model expects."""
+    by_file: dict[Path, list[str]] = {}
+    for ckpt_name, file in checkpoint_files(path).items():
+        if ckpt_name.removeprefix("model.") in expected:
+            by_file.setdefault(file, []).append(ckpt_name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, "pt") as f:
+                for ckpt_name in names:
+                    yield ckpt_name, f.get_tensor(ckpt_name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise InferError(f"cannot read weights from {file.name}: the file is truncated or corrupt ({e})") from None
+
+
+def _gguf_tensors(checkpoint: Checkpoint):
+    for t in checkpoint.gguf.tensors():
+        yield t.name, t
+
+
+def _assign(model: Transformer, name: str, tensor: torch.Tensor | GGUFTensor, shape: torch.Size, device, dtype,
+            packed: bool) -> None:
+    logical = tensor.shape if isinstance(tensor, GGUFTensor) else tuple(tensor.shape)
+    if tuple(logical) != tuple(shape):
+        raise InferError(f"weight {name} has shape {tuple(logical)}, the config implies {tuple(shape)}")
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if isinstance(tensor, GGUFTensor):
+        if isinstance(module, (Linear, Embedding)) and attr == "weight":
+            module.load(tensor.data, tensor.qtype, device, dtype, packed)
+            return
+        tensor = quant.reference(tensor.data, tensor.qtype).reshape(tensor.shape)
     setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))

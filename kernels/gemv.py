@@ -28,6 +28,7 @@ import triton.language as tl
 from infer.kernels import activation, pdl, quant
 
 _REFERENCE_CHUNK = 1 << 24  # weight elements dequantized at a time by `reference` (64 MB of fp32)
+SKINNY_MAX_ROWS = 16  # the most rows skinny_gemm takes: one tensor-core tile of rows
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
@@ -296,7 +297,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, qtype, bias: torch.Tensor
     bf16) plus the fp32 sums' own rounding, then one rounding of the output."""
     qt, N, K = _packed_shape(weight, qtype)
     T = x.shape[0]
-    assert 1 <= T <= 16 and x.shape == (T, 2 * K if gated else K) and x.stride(1) == 1
+    assert 1 <= T <= SKINNY_MAX_ROWS and x.shape == (T, 2 * K if gated else K) and x.stride(1) == 1
     assert residual is None or (residual.shape == (T, N) and residual.is_contiguous())
     if gated:
         x = activation.silu_mul(x)  # [T, K]
@@ -305,6 +306,6 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, qtype, bias: torch.Tensor
     _skinny_gemm_kernel[(triton.cdiv(N, block_n),)](
         x, weight, weight if bias is None else bias, weight if residual is None else residual, out, T, N, K,
         weight.shape[1], x.stride(0), residual_scale, QTYPE=qt.name, BLOCK_ELEMS=qt.block_elems,
-        HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_T=16, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_T=SKINNY_MAX_ROWS, BLOCK_N=block_n,
         NB=nb, num_warps=num_warps, **pdl.launch(x.device))
     return out

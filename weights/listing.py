@@ -9,7 +9,7 @@ from huggingface_hub import constants, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
 from infer.engine.config import SUPPORTED_MODEL_TYPES
-from infer.engine.convert import field, open_gguf
+from infer.engine.gguf import field, open_gguf
 from infer.engine.errors import InferError
 from infer.weights import hub
 from infer.weights.catalogue import models_dir
@@ -25,9 +25,15 @@ class LocalModel:
 
 
 def local_models() -> list[LocalModel]:
-    """Every readable model in the models folder, then in the Hugging Face cache; anything unreadable is left out."""
+    """Every readable model in the models folder (catalogue GGUF files and folders), then in the Hugging Face cache;
+    anything unreadable is left out."""
     folder = models_dir()
-    found = [folder_model(p.name, "", p) for p in sorted(folder.iterdir()) if p.is_dir()] if folder.is_dir() else []
+    found = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if p.is_dir():
+            found.append(folder_model(p.name, "", p))
+        elif p.suffix == ".gguf":
+            found.append(gguf_model(p.stem, "", [p]))
     return [m for m in found if m is not None] + cached_models()
 
 
@@ -45,7 +51,12 @@ def cached_models() -> list[LocalModel]:
             files = sorted(f.file_path.relative_to(rev.snapshot_path).as_posix() for f in rev.files)
             found.append(folder_model(repo.repo_id, label, rev.snapshot_path))
             for quant in hub.gguf_quants(files):
-                found.append(gguf_model(hub.RepoRef(repo.repo_id, quant), label, rev.snapshot_path, files))
+                ref = hub.RepoRef(repo.repo_id, quant)
+                try:
+                    parts = [rev.snapshot_path / f for f in hub.gguf_files(ref, files)]
+                except InferError:  # an incomplete split GGUF
+                    continue
+                found.append(gguf_model(str(ref), label, parts))
     return [m for m in found if m is not None]
 
 
@@ -63,17 +74,16 @@ def folder_model(name: str, revision: str, folder: Path) -> LocalModel | None:
     return LocalModel(name, revision, config["model_type"], config.get("max_position_embeddings"), size)
 
 
-def gguf_model(ref: hub.RepoRef, revision: str, snapshot: Path, files: list[str]) -> LocalModel | None:
-    """The GGUF file(s) of ref.quant in a cached snapshot, or None when incomplete or unreadable."""
+def gguf_model(name: str, revision: str, parts: list[Path]) -> LocalModel | None:
+    """A GGUF model of one file or several parts, or None when unreadable."""
     try:
-        parts = [snapshot / f for f in hub.gguf_files(ref, files)]
         reader = open_gguf(parts[0])
         architecture = field(reader, "general.architecture")
         context = field(reader, f"{architecture}.context_length", None)
         size = sum(p.stat().st_size for p in parts)
     except (InferError, OSError):
         return None
-    return LocalModel(str(ref), revision, architecture, context, size)
+    return LocalModel(name, revision, architecture, context, size)
 
 
 def folder_size(folder: Path) -> int:

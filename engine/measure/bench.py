@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import triton
 
 from infer.kernels import pool_keys, sparse_attention
+from infer.kernels import quant as quant_blocks
 
 from ..attention import uses_sparse
 from ..config import ModelConfig, SparseConfig
@@ -21,6 +22,7 @@ from ..errors import InferError
 from ..generate import PREFILL_CHUNK
 from ..kv_cache import KVCache, Positions
 from ..model import Transformer, prefill
+from ..weights import Checkpoint, load_model
 from .compare import rel_err
 from .layer import attention_inputs, new_summaries, select_all, selection_mask, sparse_decode_step, sparse_prefill
 
@@ -55,27 +57,74 @@ class BenchRow:
         return self.tokens / self.seconds
 
 
-def random_model(name: str, device: torch.device, dtype: torch.dtype) -> Transformer:
+def _more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's use_more_bits: the layers whose attn_v and ffn_down a Q4_K_M file keeps in Q6_K."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def q4_k_m(kind: str, layer: int, layers: int, cols: int) -> str:
+    """The GGML type llama-quantize gives a tensor of `cols` columns in a Q4_K_M file (dense models): `kind` is the
+    GGUF tensor kind (attn_q, attn_v, ffn_down, output, token_embd, ...). Rows that are not whole 256-element
+    blocks fall back as llama.cpp's do (Q4_K to Q5_0, Q6_K to Q8_0)."""
+    wide = kind == "output" or (kind in ("attn_v", "ffn_down") and _more_bits(layer, layers))
+    if cols % 256:
+        return "Q8_0" if wide else "Q5_0"
+    return "Q6_K" if wide else "Q4_K"
+
+
+# --quant: the GGML type of each matrix of a random model: (kind, layer, layers, cols) -> type
+QUANT_RECIPES = {
+    "q4_k_m": q4_k_m,
+    "q8_0": lambda *matrix: "Q8_0",
+    "int8": lambda *matrix: "Q8_0",  # as --quantize int8 makes them
+    "int4": lambda *matrix: "Q4_0",
+}
+# the model's matrices by GGUF tensor kind
+_KINDS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down"}
+
+
+def random_model(name: str, device: torch.device, dtype: torch.dtype, quant: str | None = None) -> Transformer:
+    """A model of the named shape with random weights in dtype, or with its matrices in the GGML types of a
+    QUANT_RECIPES recipe (random valid blocks: the cost is the real one; on the CPU they are dequantized as a GGUF's
+    are, engine/linear.py)."""
     if name not in NAMED_SHAPES:
         raise InferError(f"unknown shape {name!r}; known: {', '.join(NAMED_SHAPES)}")
+    if quant is not None and quant not in QUANT_RECIPES:
+        raise InferError(f"unknown --quant {quant!r}; known: {', '.join(QUANT_RECIPES)}")
     cfg = ModelConfig.from_dict(NAMED_SHAPES[name])
     torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: no float32 copy of the weights
-    try:
-        with torch.device("meta"):
-            model = Transformer(cfg)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.to_empty(device=device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-        if p.dim() == 1:
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, 0.02)
-    model.setup(device)
+    with torch.device("meta"):
+        model = Transformer(cfg)  # every weight made below, on the device in its format: no float32 copy
+    quantized = {}  # module name -> GGML type
+    if quant is not None:
+        kinds = {f"layers.{i}.{part}": (kind, i) for i in range(cfg.num_layers) for part, kind in _KINDS.items()}
+        kinds.update({"embed_tokens": ("token_embd", 0), "lm_head": ("output", 0)})
+        if cfg.tie_word_embeddings:
+            del kinds["lm_head"]
+        quantized = {module: QUANT_RECIPES[quant](kind, i, cfg.num_layers, model.get_submodule(module).weight.shape[1])
+                     for module, (kind, i) in kinds.items()}
+    for module_name, type_name in quantized.items():
+        module = model.get_submodule(module_name)
+        rows, cols = module.weight.shape
+        module.load(quant_blocks.random_blocks(type_name, rows, cols, device), quant_blocks.quant_type(type_name),
+                    device, dtype, packed=device.type == "cuda")
+    for name, p in list(model.named_parameters()):  # the rest: norms 1, matrices N(0, 0.02)
+        if p.is_meta:
+            value = (torch.ones if p.dim() == 1 else torch.empty)(p.shape, device=device, dtype=dtype)
+            if p.dim() > 1:
+                value.normal_(0.0, 0.02)
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(value, requires_grad=False))
+    model.setup(device, dtype)
     return model
+
+
+def file_model(path, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """The model of a checkpoint (a folder or a GGUF file), loaded as the engine loads it."""
+    checkpoint = Checkpoint(path)
+    return load_model(checkpoint, checkpoint.config(), device, dtype, progress=False)
 
 
 def copy_bandwidth(device: torch.device) -> float:

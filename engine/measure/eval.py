@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from ..attention import SelectionRecord, latest_read, selection_tile, uses_sparse
-from ..config import ModelConfig
 from ..errors import InferError
 from ..generate import Engine
 from ..tokenizer import Tokenizer
+from ..weights import Checkpoint
 
 INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the pass key.")
@@ -328,7 +328,7 @@ def run_nll(dense: Engine, sparse: Engine, num_tokens: int, text_path: str | Pat
 
 def model_context(model_dir: Path, max_context: int | None) -> int:
     """The tokens an Engine's cache will hold: --max-context, at most the model's own context."""
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = Checkpoint(model_dir).config()
     return min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
 
@@ -351,5 +351,5 @@ def check_request(model_dir: Path, max_context: int | None, lengths: list[int], 
     if nll_tokens and not 2 <= nll_tokens <= context:
         raise InferError(f"--nll-tokens {nll_tokens}: from 2 to the {context}-token context, or 0 to skip")
     if lengths:
-        passkey_case(Tokenizer.from_dir(model_dir), min(lengths), 0.5)  # raises if the prompt leaves no room
+        passkey_case(Checkpoint(model_dir).tokenizer(), min(lengths), 0.5)  # raises if the prompt leaves no room
     return context

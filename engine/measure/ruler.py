@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import InferError
 from ..generate import Engine
 from ..tokenizer import Tokenizer
+from ..weights import Checkpoint
 from .eval import answer, filler_sentences, model_context
 
 SIZE_SLACK = 128  # a prompt is at most this many tokens shorter than asked (one haystack unit)
@@ -468,6 +469,6 @@ def check_request(model_dir: Path, max_context: int | None, tasks: list[str], le
         if not 1 <= length <= context:
             raise InferError(f"a RULER sample of {length} tokens (prompt and answer) does not fit the {context}-token "
                              f"context (1 to {context})")
-    tokenizer = Tokenizer.from_dir(model_dir)
+    tokenizer = Checkpoint(model_dir).tokenizer()
     for task in tasks:
         next(ruler_samples(tokenizer, task, min(lengths), 1))  # raises when the prompt leaves no room
