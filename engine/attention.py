@@ -5,6 +5,7 @@ top-k 64-token blocks plus the sink and local-window blocks, then attend exactly
 Triton kernels run; elsewhere their plain-torch references do.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,13 @@ DECODE_MAX_QUERIES = sparse_decode.MAX_QUERIES  # decode and speculative verific
 DECODE_Q_TILE = 16  # a decode-sized call selects once for all its queries (or per query: per_query)
 # cuDNN's SDPA rebuilds its graph for every new length (1.7 ms of host time per call): the others serve prefill
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def pass_context(num_tokens: int):
+    """What a forward pass of num_tokens tokens runs its layers' attention in: the SDPA backends for a prompt's
+    passes (entered once a pass: entering costs tens of microseconds of host time), nothing for decode-sized ones
+    (they never reach SDPA on CUDA)."""
+    return sdpa_kernel(SDPA_BACKENDS) if num_tokens > DECODE_MAX_QUERIES else contextlib.nullcontext()
 
 
 @dataclass
@@ -84,10 +92,9 @@ def dense_attend(q: torch.Tensor, cache: KVCache, layer: int, pos: Positions) ->
     mask = None
     if num_q > 1 and start > 0:  # a chunk after cached tokens: bottom-right aligned causal mask
         mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]  # [T, L]
-    with sdpa_kernel(SDPA_BACKENDS):
-        out = F.scaled_dot_product_attention(
-            q[None], k[None], v[None], attn_mask=mask, is_causal=num_q > 1 and start == 0, enable_gqa=True
-        )
+    out = F.scaled_dot_product_attention(  # in pass_context's backends
+        q[None], k[None], v[None], attn_mask=mask, is_causal=num_q > 1 and start == 0, enable_gqa=True
+    )
     return out[0]
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from infer.kernels import norm
 
-from .attention import SelectionRecord, attend, uses_sparse
+from .attention import SelectionRecord, attend, pass_context, uses_sparse
 from .config import ModelConfig, SparseConfig
 from .kv_cache import KVCache, Positions
 from .linear import Embedding, Linear
@@ -148,8 +148,9 @@ class Transformer(nn.Module):
         if self.cfg.scale_emb != 1.0:
             h = h * self.cfg.scale_emb
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            h = layer(h, pos, rope, cache, i, record if i == last else None)
+        with pass_context(num_tokens):
+            for i, layer in enumerate(self.layers):
+                h = layer(h, pos, rope, cache, i, record if i == last else None)
         cache.length = start + num_tokens
         logits = self.lm_head(self.norm(h[-num_logits:]), argmax=argmax, out_dtype=torch.float32)
         logits = logits.float()  # [num_logits, V]: already float32 from the one-row GEMV

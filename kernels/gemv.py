@@ -29,6 +29,7 @@ from infer.kernels import activation, pdl, quant
 
 _REFERENCE_CHUNK = 1 << 24  # weight elements dequantized at a time by `reference` (64 MB of fp32)
 SKINNY_MAX_ROWS = 16  # the most rows skinny_gemm takes: one tensor-core tile of rows
+OFFSET_TYPES = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")  # GGML types whose values carry an offset: d * q + m
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
@@ -98,6 +99,8 @@ def _pack_argmax(y, rows, row_mask, N, best_ptr, SLOTS: tl.constexpr):
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, residual_scale,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, ARGMAX: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    # Its x read, epilogue and argmax are those of _x_at, _epilogue and _pack_argmax spelled out: built from those
+    # helpers the kernel was 1% slower in the decode step on an H200 (BENCHMARKS.md).
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     cols = tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -110,15 +113,28 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, residual_s
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = k0 + cols < K
-        x = _x_at(x_ptr, K, k0 + cols, k_mask, GATED)  # [BLOCK_K]
+        x = tl.load(x_ptr + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
+        if GATED:
+            up = tl.load(x_ptr + K + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)
+            x = activation.silu_times(x, up).to(dtype).to(tl.float32)
         w_next = tl.load(w_rows + (k0 + BLOCK_K + cols)[None, :],
                          mask=row_mask[:, None] & (k0 + BLOCK_K + cols < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
         w = w_next
-    y = _epilogue(tl.sum(acc, axis=1), rows, rows, row_mask, b_ptr, r_ptr, out_ptr, residual_scale, dtype,
-                  HAS_BIAS, RESIDUAL)  # [BLOCK_N]
-    if ARGMAX:
-        _pack_argmax(y, rows, row_mask, N, best_ptr, SLOTS)
+    y = tl.sum(acc, axis=1)  # [BLOCK_N]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        r = tl.load(r_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        y = r + y.to(dtype).to(tl.float32) * residual_scale
+    tl.store(out_ptr + rows, y.to(dtype).to(out_ptr.dtype.element_ty), mask=row_mask)
+    if ARGMAX:  # pack (value's bits ordered as floats, ~row) so that one int64 max picks the first maximum
+        y = tl.where(row_mask, y.to(dtype).to(tl.float32), float("-inf"))
+        top = tl.max(y)
+        row = tl.min(tl.where(y == top, rows, N))
+        bits = top.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+        tl.atomic_max(best_ptr + tl.program_id(0) % SLOTS, (ordered << 32) - row.to(tl.int64) + _LOW32)
 
 
 @triton.jit
@@ -230,7 +246,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         _gemv_kernel[grid](x, weight, *common, N, K, residual_scale,
                            BLOCK_K=min(block_k, triton.next_power_of_2(K)), **flags)
     else:
-        nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
+        # One block a step for the types with an offset (d * q + m): compiled for sm_90 by triton 3.6, the grouped
+        # decode (NB > 1) of those gave wrong sums on an H200, while the interpreter and NB = 1 are right.
+        max_blocks = 1 if qt.name in OFFSET_TYPES else block_k // qt.block_elems
+        nb = group_blocks(K // qt.block_elems, max_blocks)
         _packed_gemv_kernel[grid](x, weight, *common, N, K, weight.shape[1], residual_scale, QTYPE=qt.name,
                                   BLOCK_ELEMS=qt.block_elems, NB=nb, **flags)
     return out

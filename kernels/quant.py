@@ -242,18 +242,24 @@ SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1
                  "Q5_K": (0, 2), "Q6_K": (208,)}  # where each block's fp16 scales (d, and a min) sit
 
 
-def random_blocks(qtype, rows: int, cols: int, device: torch.device, scale: float = 1e-4,
+def random_blocks(qtype, rows: int, cols: int, device: torch.device, std: float = 0.02,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Valid random blocks for a [rows, cols] weight (benchmarks at real shapes): random quants and fp16 scales of
-    about `scale`, uint8 [rows, row_bytes] on device."""
+    """Valid random blocks for a [rows, cols] weight (benchmarks at real shapes, GPU tests): random quants under fp16
+    scales drawn so that the values' standard deviation is about `std` (they are linear in the scales), uint8
+    [rows, row_bytes] on device."""
     qt = quant_type(qtype)
     assert cols % qt.block_elems == 0, f"{cols} columns are not whole {qt.name} blocks"
     n_blocks = cols // qt.block_elems
     blocks = torch.randint(0, 256, (rows, n_blocks, qt.block_bytes), dtype=torch.uint8, device=device,
                            generator=generator)
-    for at in SCALE_OFFSETS[qt.name]:
-        d = torch.rand(rows, n_blocks, 1, device=device, generator=generator) * scale
+    # scales (and mins) of either sign: the values centre on 0, as a trained model's do
+    scales = [torch.rand(rows, n_blocks, 1, device=device, generator=generator) * 2 - 1 for _ in SCALE_OFFSETS[qt.name]]
+    for at, d in zip(SCALE_OFFSETS[qt.name], scales):
         blocks[..., at:at + 2] = d.half().view(torch.uint8)
+    sample = reference(blocks[:64].reshape(min(rows, 64), -1), qt)
+    factor = std / max(sample.std().item(), 1e-12)
+    for at, d in zip(SCALE_OFFSETS[qt.name], scales):
+        blocks[..., at:at + 2] = (d * factor).half().view(torch.uint8)
     return blocks.reshape(rows, -1)
 
 

@@ -411,6 +411,57 @@ def test_gemv(N, K, options):
     assert int(token) == int(got[0].float().argmax())
 
 
+PACKED_TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+@pytest.mark.parametrize("qtype", PACKED_TYPES)
+@pytest.mark.parametrize("N, K, options", [(6144, 4096, {}), (4096, 14336, dict(gated=True, residual=True)),
+                                        (1000, 768, dict(bias=True)), (128256, 4096, {})])
+def test_packed_gemv_and_skinny_gemm(qtype, N, K, options):
+    """The packed kernels compiled for the GPU, bf16 activations, against the reference on the blocks' values."""
+    from infer.kernels.gemv import argmax_buffer, gemv, reference, skinny_gemm, take_argmax
+    from infer.kernels.quant import dequantize, random_blocks
+
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    weight = random_blocks(qtype, N, K, torch.device(DEVICE), std=1.0 / K ** 0.5, generator=gen)
+    bias = randn(N, gen=torch.Generator().manual_seed(1)) if options.get("bias") else None
+    for T in (1, 5, 16):
+        x = randn(T, 2 * K if options.get("gated") else K, gen=torch.Generator().manual_seed(T))
+        residual = 4 * randn(T, N, gen=torch.Generator().manual_seed(2)) if options.get("residual") else None
+        args = dict(bias=bias, gated=options.get("gated", False), residual=residual)
+        ref = reference(x, weight, **args, qtype=qtype)
+        if T > 1:  # the skinny matmul multiplies weights rounded to x's dtype, as cuBLAS on dequantized ones would
+            ref = reference(x, dequantize(weight, qtype, x.dtype), **args)
+        if T == 1:
+            best, token = argmax_buffer(DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)
+            got = gemv(x, weight, **args, argmax=best, qtype=qtype)
+            take_argmax(best, token)
+            assert int(token) == int(got[0].float().argmax())
+        else:
+            got = skinny_gemm(x, weight, qtype, **args)
+        assert got.shape == (T, N) and rel_err(got, ref) < 1e-2 and mostly_equal(got, ref, 0.9), (T, rel_err(got, ref))
+
+
+@pytest.mark.parametrize("qtype", PACKED_TYPES + ["F16", "BF16"])
+def test_dequantize_is_exact(qtype):
+    """The dequantize kernel (prefill's dequantize-then-cuBLAS, quantized embeddings) equals the reference bit for
+    bit in fp32, rows gathered or not."""
+    from infer.kernels.quant import dequantize, quant_type, random_blocks, reference
+
+    qt = quant_type(qtype)
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    if qt.block_elems == 1:
+        blocks = randn(300, 1024, gen=torch.Generator().manual_seed(3)).to(
+            torch.float16 if qtype == "F16" else torch.bfloat16).view(torch.uint8)
+    else:
+        blocks = random_blocks(qtype, 300, 1024, torch.device(DEVICE), std=1.0, generator=gen)
+    ref = reference(blocks, qtype)
+    assert torch.equal(dequantize(blocks, qtype, torch.float32), ref)
+    rows = torch.tensor([7, 0, 299, 7], device=DEVICE)
+    assert torch.equal(dequantize(blocks, qtype, torch.float32, rows=rows), ref[rows])
+    assert torch.equal(dequantize(blocks, qtype, torch.bfloat16), ref.to(torch.bfloat16))
+
+
 def rope_inputs(Hq, Hkv, d, T, max_len, gen):
     """qkv [T, (Hq + 2Hkv) d], distinct random positions [T] reaching far (cos/sin of large arguments), inv_freq of
     theta 1e6, NaN caches [Hkv, max_len, d]."""

@@ -23,11 +23,12 @@ def compiled_kernels():
         pytest.skip("TRITON_INTERPRET=1 (set by the CPU kernel tests): run this file on its own")
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[None, "q4_k_m"], ids=["bf16", "q4_k_m"])
+def model(request):
+    """A random SmolLM2-shaped model, its matrices bf16 or in a Q4_K_M file's GGML types (packed)."""
     from infer.engine.measure import bench
 
-    return bench.random_model("smollm2-135m", torch.device("cuda"), torch.bfloat16)
+    return bench.random_model("smollm2-135m", torch.device("cuda"), torch.bfloat16, request.param)
 
 
 def passes(model, sparse, graphs: bool, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

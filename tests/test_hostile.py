@@ -199,7 +199,7 @@ def test_the_prompt_must_have_tokens(tiny):
 def test_memory_is_sized_before_anything_is_allocated(monkeypatch):
     """The KV cache is fitted to the free memory, or refused with the numbers; the weights alone too."""
     cfg = ModelConfig.from_dict({**TINY, "max_position_embeddings": 1 << 20})
-    need = memory.model_memory(cfg, torch.float32, 4096, None)
+    need = memory.model_memory(cfg, 10_000_000, torch.float32, 4096, None)
     free = need.weights + need.work + need.per_token * 100_000 + memory.SLACK_BYTES
     monkeypatch.setattr(memory, "free_memory", lambda device: free / memory.USABLE)
     cpu = torch.device("cpu")

@@ -104,12 +104,12 @@ def pull(name: str, weights_dir: str | Path | None = None, progress: bool = True
         raise InferError(f"unknown model {name!r}; known: {', '.join(CATALOGUE)}, or a Hugging Face repo id ORG/NAME")
     weights_dir = Path(weights_dir or models_dir())
     say = Console(stderr=True, highlight=False, markup=False).print if progress else lambda *args, **kwargs: None
+    target = weights_dir / name
+    if convert and is_complete(target):
+        return target
     gguf = fetch_gguf(CATALOGUE[name], weights_dir, say)
     if not convert:
         return gguf
-    target = weights_dir / name
-    if is_complete(target):
-        return target
     say(f"{name}: converting to a bf16 Hugging Face folder")
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
