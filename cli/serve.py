@@ -476,4 +476,7 @@ def cmd_serve(args) -> None:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     log(f"infer serve: {model_id} at {url}/v1 (OpenAI API), {engine.max_len} tokens of context, "
         f"{args.queue} requests may wait")
-    uvicorn.Server(uvicorn.Config(server.app, log_level="info")).run(sockets=[sock])
+    try:  # no startup or shutdown handlers: lifespan off, else Ctrl-C cancels its wait with a traceback
+        uvicorn.Server(uvicorn.Config(server.app, log_level="info", lifespan="off")).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down on Ctrl-C and raised it again: a clean stop
+        log("infer serve: stopped")

@@ -2,6 +2,7 @@
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -219,3 +220,11 @@ def test_a_prompt_longer_than_the_context_is_a_400_naming_both_lengths(server, c
     message = error.value.body["message"]
     assert f"{len(tokenizer.encode_chat(messages))} tokens" in message and str(CONTEXT) in message
     assert server.health() == {"status": "ok"}
+
+
+def test_ctrl_c_stops_the_server_cleanly(server):
+    """Last in the module: it stops the shared server."""
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=30) == 0
+    log = server.log.read_text()
+    assert "Traceback" not in log and "infer serve: stopped" in log
