@@ -128,10 +128,17 @@ class Interrupts:
     """Ctrl-C during a turn. While the answer streams, a press only sets `pressed`, which the turn checks after each
     piece: no KeyboardInterrupt can land inside the live display or the bookkeeping after it. Before that (the
     prefill), the first press raises KeyboardInterrupt at once, which leaves the engine consistent (the cache keeps
-    the chunks that finished). Later presses in the same turn are ignored."""
+    the chunks that finished); with `at_once` False (tensor parallelism: the ranks must finish a pass together) it
+    is raised between prefill chunks (`check`). Later presses in the same turn are ignored."""
 
-    def __init__(self):
+    def __init__(self, at_once: bool = True):
         self.pressed = self.streaming = False
+        self.at_once = at_once
+
+    def check(self) -> None:
+        """Between prefill chunks: stop there once Ctrl-C was pressed."""
+        if self.pressed and not self.streaming:
+            raise KeyboardInterrupt
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._on_press)
@@ -144,7 +151,7 @@ class Interrupts:
         if self.pressed:
             return
         self.pressed = True
-        if not self.streaming:
+        if not self.streaming and self.at_once:
             raise KeyboardInterrupt
 
 
@@ -211,8 +218,13 @@ class Chat:
         bar = PrefillBar(sys.stderr.isatty())
         view = None
         pieces: list[str] = []
-        with Interrupts() as ctrl_c, no_echo(out if markdown else None):
-            stream = self.engine.generate(tokens, self.params, on_progress=bar)
+        with Interrupts(at_once=self.engine.parallel is None) as ctrl_c, no_echo(out if markdown else None):
+
+            def progress(done: int, total: int) -> None:
+                bar(done, total)
+                ctrl_c.check()
+
+            stream = self.engine.generate(tokens, self.params, on_progress=progress)
             try:
                 for piece in stream:
                     if not ctrl_c.streaming:

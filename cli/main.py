@@ -13,7 +13,7 @@ FLAGS = {
     "repetition_penalty": "--repetition-penalty", "seed": "--seed", "max_tokens": "--max-tokens", "stop": "--stop",
     "max_context": "--max-context", "device": "--device", "dtype": "--dtype", "mode": "--sparse",
     "topk": "--sparse-topk", "block_size": "--block-size", "window_size": "--window", "dense_len": "--dense-len",
-    "max_draft": "--draft-tokens", "fr_spec": "--fr-spec", "draft": "--draft", "quantize": "--quantize",
+    "max_draft": "--draft-tokens", "fr_spec": "--fr-spec", "draft": "--draft", "quantize": "--quantize", "tp": "--tp",
 }
 
 
@@ -45,6 +45,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, metavar="N",
                    help="tokens the KV cache holds (default: the model's context, lowered to what fits in memory)")
     p.add_argument("--eager", action="store_true", help="run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: split the model over N processes, one a GPU on CUDA (default 1; under "
+                        "torchrun, its world size)")
     p.add_argument("--quantize", choices=("int8", "int4"),
                    help="quantize a float model's matrices as they load: int8 = Q8_0 blocks, int4 = Q4_0 blocks "
                         "(round to nearest, symmetric, one fp16 scale per 32 weights)")
@@ -117,7 +120,7 @@ def load_engine(args, sparse: dict | None = None):
 
     engine = Engine(resolve_model(args.model, args.revision), device=args.device, dtype=args.dtype,
                     max_context=args.max_context, sparse=sparse or sparse_overrides(args),
-                    progress=sys.stderr.isatty(), cuda_graphs=not args.eager, quantize=args.quantize,
+                    progress=sys.stderr.isatty(), cuda_graphs=not args.eager, quantize=args.quantize, tp=args.tp,
                     **speculative_options(args))
     if engine.context_note:
         print(f"infer: note: {engine.context_note} (--max-context sets it)", file=sys.stderr)
@@ -319,6 +322,8 @@ def cmd_eval(args) -> None:
         raise InferError(f"--suite {','.join(suites)}: choose from {', '.join(EVAL_SUITES)} (comma-separated)")
     if "ruler" not in suites and (args.tasks is not None or args.samples is not None):
         raise InferError("--tasks and --samples choose RULER's samples: add --suite ruler")
+    if args.tp != 1:
+        raise ParameterError("tp", "is for one engine a process; eval runs two (dense and sparse): leave it at 1")
     model_dir = resolve_model(args.model, args.revision)
     passkey_lengths = args.lengths if "passkey" in suites else []
     nll_tokens = (max(args.lengths, default=0) if args.nll_tokens is None else args.nll_tokens) if "nll" in suites else 0
@@ -578,6 +583,11 @@ def main(argv: list[str] | None = None) -> int:
         print("infer: error: out of memory; try a smaller --max-context", file=sys.stderr)
         return 1
     except Exception as e:
+        from infer.engine.parallel import lost_rank
+
+        if lost := lost_rank():  # a collective failed because a tensor-parallel rank has gone
+            print(f"infer: error: {lost}", file=sys.stderr)
+            return 1
         if is_out_of_memory(e):
             print("infer: error: out of memory; try a smaller --max-context or a smaller model", file=sys.stderr)
             return 1

@@ -15,6 +15,7 @@ from infer.kernels import gemv
 from .attention import DECODE_MAX_QUERIES, SelectionRecord, uses_sparse
 from .kv_cache import KVCache, Positions
 from .model import Transformer
+from .parallel import DECODE
 
 
 class GraphedDecode:
@@ -57,6 +58,9 @@ class GraphedDecode:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [T, V] (float32) of tokens [T] at positions cache.length..; a replay's are overwritten by the next."""
         num_tokens, start = tokens.shape[0], self.cache.length
+        if self.model.parallel is not None:  # the followers of a tensor-parallel group run the same pass
+            own = self.enabled and tokens.data_ptr() == self.tokens.data_ptr()  # greedy_next: theirs is the same
+            self.model.parallel.announce(DECODE, start, tokens, from_buffer=own)
         if not self.enabled or num_tokens > DECODE_MAX_QUERIES:
             self.record = SelectionRecord()
             return self.model(tokens, self.cache, num_logits=num_tokens, record=self.record)

@@ -1,5 +1,7 @@
 """The one stepping loop every front end drives: prefill the new tokens, then sample, stream text and count."""
 
+import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from .cuda_graph import GraphedDecode
 from .device import PendingInt, parse_device, parse_dtype, synchronize
 from .errors import ContextOverflow, InferError
 from .memory import fit_context, model_memory
+from .parallel import Parallel, check_split, follow, follower_setup, join, share_int, start, torchrun_rank
 from .sampling import Sampler, SamplingParams
 from .speculative import MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, check_same_vocabulary, verify
 from .tokenizer import StreamDecoder
@@ -80,11 +83,13 @@ class Engine:
     def __init__(self, model_dir: Path, device: str | None = None, dtype: str | None = None,
                  max_context: int | None = None, sparse: dict | None = None, progress: bool = True,
                  draft: Path | None = None, lookup: bool | None = None, fr_spec: int | None = None,
-                 max_draft: int = MAX_DRAFT, cuda_graphs: bool = True, quantize: str | None = None):
+                 max_draft: int = MAX_DRAFT, cuda_graphs: bool = True, quantize: str | None = None, tp: int = 1):
         """sparse: overrides of the model's sparse_config (mode, topk, block_size, window_size, dense_len, ...).
         draft, lookup, fr_spec, max_draft: speculative decoding, see speculative.SpeculativeConfig.
         cuda_graphs: replay decode steps from CUDA graphs (on CUDA; False runs them eagerly).
         quantize: "int8" or "int4": a float checkpoint's matrices quantized as they load (weights.QUANTIZE).
+        tp: tensor-parallel ranks (engine/parallel.py): this process is rank 0 and starts the others, unless
+        torchrun started them all (then a rank other than 0 follows rank 0 here and exits when it is done).
         Everything is checked before the weights load: a bad value raises InferError (ParameterError naming the
         parameter), and so does a model that does not fit the device's free memory. max_context None: the model's
         context, lowered to what fits (then context_note says so)."""
@@ -97,9 +102,12 @@ class Engine:
         self.sparse = sparse_config(cfg.sparse, **(sparse or {}))  # None: dense attention only
         self.defaults = checkpoint.generation_defaults()
         self.tokenizer = checkpoint.tokenizer()
+        launched = torchrun_rank()
+        tp = launched[1] if launched else tp
+        check_split(tp, cfg)
         packed = self.device.type == "cuda"  # quantized weights stay in their blocks (engine/linear.py)
-        needs = [model_memory(cfg, checkpoint.weight_bytes(cfg, dtype, packed, quantize), dtype, PREFILL_CHUNK,
-                              self.sparse)]
+        needs = [model_memory(cfg, checkpoint.weight_bytes(cfg, dtype, packed, quantize) // tp, dtype, PREFILL_CHUNK,
+                              self.sparse, tp)]
         drafter = None
         if draft is not None:
             drafter = Checkpoint(draft)
@@ -109,7 +117,18 @@ class Engine:
                                       None))
         self.model_context = cfg.max_position_embeddings
         self.max_len, self.context_note = fit_context(needs, self.device, max_context, self.model_context)
-        self.model = load_model(checkpoint, cfg, self.device, dtype, progress=progress, quantize=quantize)
+        self.parallel = None
+        if launched and launched[0] != 0:
+            follower(join(launched[0], tp, self.device, "env://"), model_dir, dtype, sparse, cuda_graphs, quantize)
+            sys.exit(0)
+        if tp > 1:
+            follow_args = (model_dir, dtype, sparse, cuda_graphs, quantize)
+            self.parallel = (join(0, tp, self.device, "env://") if launched else
+                             start(tp, self.device, _start_follower, follow_args))
+            share_int(self.parallel, self.max_len)
+            self.device = self.parallel.device
+        self.model = load_model(checkpoint, cfg, self.device, dtype, progress=progress, quantize=quantize,
+                                parallel=self.parallel)
         self.cache = self.model.new_cache(self.max_len, self.sparse)
         self.decode = GraphedDecode(self.model, self.cache, cuda_graphs)
         self.tokens: list[int] = []  # the tokens whose keys and values the cache holds, in order
@@ -257,6 +276,30 @@ class Engine:
         self.stats.drafted_tokens += len(drafts)
         self.stats.accepted_tokens += accepted
         return drafts[:accepted] + [following]
+
+
+def _start_follower(rank: int, size: int, device: torch.device, address: str, *args) -> None:
+    """A follower process that rank 0 started (engine/parallel.start): a failure is one line, and the exit code
+    tells rank 0's watchdog."""
+    follower_setup()
+    try:
+        follower(join(rank, size, device, address), *args)
+    except Exception as e:
+        print(f"infer: error: tensor-parallel rank {rank}: {type(e).__name__}: {str(e).strip().splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def follower(parallel: Parallel, model_dir: Path, dtype: torch.dtype, sparse: dict | None, cuda_graphs: bool,
+             quantize: str | None) -> None:
+    """A tensor-parallel rank other than 0: load this rank's slice of the model, its cache (the length rank 0
+    decided) and decode graphs, then run the passes rank 0 announces (parallel.follow)."""
+    checkpoint = Checkpoint(model_dir)
+    cfg = checkpoint.config()
+    max_len = share_int(parallel)
+    model = load_model(checkpoint, cfg, parallel.device, dtype, progress=False, quantize=quantize, parallel=parallel)
+    cache = model.new_cache(max_len, sparse_config(cfg.sparse, **(sparse or {})))
+    follow(parallel, model, cache, GraphedDecode(model, cache, cuda_graphs))
 
 
 def _visible_end(text: str, stops: list[str]) -> tuple[int, bool]:

@@ -7,19 +7,48 @@ loader dequantizes it once, as it loads, to the model's dtype (the torch referen
 token).
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from infer.kernels import activation, gemv, quant
 
+from .parallel import Parallel
+
+@dataclass(frozen=True)
+class Shard:
+    """The slice of a weight this rank holds under tensor parallelism (engine/parallel.py): [start, stop) of its rows
+    (dim 0: an output split) or of its columns (dim 1: an input split)."""
+
+    dim: int
+    start: int
+    stop: int
+
+    def of(self, t: torch.Tensor) -> torch.Tensor:
+        """This slice of a full tensor [out, in] (or [out] for dim 0)."""
+        return t[self.start:self.stop] if self.dim == 0 else t[:, self.start:self.stop]
+
+    def whole_blocks(self, qtype: quant.QuantType) -> bool:
+        return self.dim == 0 or (self.start % qtype.block_elems == 0 and self.stop % qtype.block_elems == 0)
+
+    def of_blocks(self, data: torch.Tensor, qtype: quant.QuantType) -> torch.Tensor:
+        """This slice of a packed weight's bytes [out, row_bytes] (whole_blocks must hold)."""
+        if self.dim == 0:
+            return data[self.start:self.stop]
+        per_block = qtype.block_bytes
+        return data[:, self.start // qtype.block_elems * per_block:self.stop // qtype.block_elems * per_block]
+
+
 def load_weight(data: torch.Tensor, qtype: quant.QuantType, shape: tuple[int, ...], device: torch.device,
-                dtype: torch.dtype, packed: bool) -> tuple[torch.Tensor, quant.QuantType | None]:
-    """A weight of `shape` from its GGML bytes data uint8 [rows, row_bytes]: (the tensor to hold, its QuantType or
-    None for a dense one). Quantized types stay in their blocks when `packed`; float types, and the rest, become
-    dense tensors of `dtype`."""
-    if packed and qtype.block_elems > 1:
-        return data.to(device), qtype
-    return quant.reference(data, qtype).reshape(shape).to(device=device, dtype=dtype), None
+                dtype: torch.dtype, packed: bool, shard: Shard | None = None) -> tuple[torch.Tensor, quant.QuantType | None]:
+    """A weight of full `shape` from its GGML bytes data uint8 [rows, row_bytes]: (the tensor to hold, its QuantType
+    or None for a dense one), only `shard` of it when given. Quantized types stay in their blocks when `packed`
+    (and the shard cuts whole blocks); float types, and the rest, become dense tensors of `dtype`."""
+    if packed and qtype.block_elems > 1 and (shard is None or shard.whole_blocks(qtype)):
+        return (data if shard is None else shard.of_blocks(data, qtype)).contiguous().to(device), qtype
+    weight = quant.reference(data, qtype).reshape(shape)
+    return (weight if shard is None else shard.of(weight)).contiguous().to(device=device, dtype=dtype), None
 
 
 class Linear(nn.Module):
@@ -33,16 +62,26 @@ class Linear(nn.Module):
     multiplies up to gemv.SKINNY_MAX_ROWS rows in place (speculative verification) and is dequantized for longer
     chunks; dense weights run cuBLAS (or the CPU) past one row. Past one row the result has x's dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, parallel: Parallel | None = None,
+                 split: int | None = None):
+        """parallel, split: under tensor parallelism this rank holds a slice of the rows (split 0: outputs) or of
+        the columns (split 1: inputs, the ranks' partial sums then added up by an all-reduce)."""
         super().__init__()
+        self.parallel = parallel
+        self.shard = None
+        self.full_shape = (out_features, in_features)
+        if parallel is not None and split is not None:
+            start, stop = parallel.split((out_features, in_features)[split], ("output", "input")[split] + " features")
+            self.shard = Shard(split, start, stop)
+            out_features, in_features = (stop - start, in_features) if split == 0 else (out_features, stop - start)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))  # [out, in], or [out, row_bytes] packed
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None  # [out]
         self.qtype: quant.QuantType | None = None  # the GGML type of a packed weight; None: dense
 
     def load(self, data: torch.Tensor, qtype: quant.QuantType, device: torch.device, dtype: torch.dtype,
              packed: bool) -> None:
-        """Hold the weight given as GGML bytes (see load_weight)."""
-        weight, self.qtype = load_weight(data, qtype, tuple(self.weight.shape), device, dtype, packed)
+        """Hold the weight given as GGML bytes of the full weight (see load_weight)."""
+        weight, self.qtype = load_weight(data, qtype, self.full_shape, device, dtype, packed, self.shard)
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     @staticmethod
@@ -70,6 +109,12 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, gated: bool = False, residual: torch.Tensor | None = None,
                 residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.shard is not None and self.shard.dim == 1:  # partial sums over this rank's inputs: added up
+            y = self.parallel.all_reduce(self._apply(x, gated, None, 1.0, None, None))
+            return y if residual is None else torch.add(residual, y, alpha=residual_scale)
+        return self._apply(x, gated, residual, residual_scale, argmax, out_dtype)
+
+    def _apply(self, x, gated, residual, residual_scale, argmax, out_dtype) -> torch.Tensor:
         rows = x.shape[0]
         if x.is_cuda and rows == 1:
             return gemv.gemv(x, self.weight, self.bias, gated, residual, residual_scale, argmax, out_dtype,
@@ -98,20 +143,35 @@ class Concat(nn.Module):
 
 class Embedding(nn.Module):
     """The token embedding: weight [vocab, hidden] (or its blocks); tokens [T] -> [T, hidden]. A packed table is
-    dequantized row by row as tokens look it up."""
+    dequantized row by row as tokens look it up. Under tensor parallelism this rank holds a slice of the vocabulary
+    (its rows); the ranks' lookups, each zero for the tokens it does not hold, are added up."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int):
+    def __init__(self, num_embeddings: int, embedding_dim: int, parallel: Parallel | None = None):
         super().__init__()
+        self.parallel = parallel
+        self.shard = None
+        self.full_shape = (num_embeddings, embedding_dim)
+        if parallel is not None:
+            self.shard = Shard(0, *parallel.split(num_embeddings, "vocabulary"))
+            num_embeddings = self.shard.stop - self.shard.start
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))  # [vocab, hidden], or its blocks
         self.qtype: quant.QuantType | None = None
         self.dtype: torch.dtype | None = None  # the model's dtype (Transformer.setup): a packed table's rows
 
     def load(self, data: torch.Tensor, qtype: quant.QuantType, device: torch.device, dtype: torch.dtype,
              packed: bool) -> None:
-        weight, self.qtype = load_weight(data, qtype, tuple(self.weight.shape), device, dtype, packed)
+        weight, self.qtype = load_weight(data, qtype, self.full_shape, device, dtype, packed, self.shard)
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return self._lookup(tokens)
+        local = tokens - self.shard.start  # [T]
+        held = (local >= 0) & (local < self.weight.shape[0])
+        rows = self._lookup(torch.where(held, local, 0)) * held[:, None]  # [T, hidden]
+        return self.parallel.all_reduce(rows)
+
+    def _lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.qtype is None:
             return nn.functional.embedding(tokens, self.weight)
         return quant.dequantize(self.weight, self.qtype, self.dtype, rows=tokens)

@@ -29,11 +29,13 @@ class ModelMemory:
 
 
 def model_memory(cfg: ModelConfig, weight_bytes: int, dtype: torch.dtype, chunk: int,
-                 sparse: SparseConfig | None) -> ModelMemory:
+                 sparse: SparseConfig | None, tp: int = 1) -> ModelMemory:
     """What a model of `cfg` whose weights take weight_bytes needs, with activations in `dtype`, prefill chunks of
-    `chunk` tokens and a KV cache with summaries when sparse."""
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-    summaries = 0 if sparse is None else cfg.num_layers * cfg.num_kv_heads * cfg.head_dim / sparse.kernel_stride
+    `chunk` tokens and a KV cache with summaries when sparse; its 1/tp share of the KV heads under tensor
+    parallelism."""
+    kv_heads = cfg.num_kv_heads // tp
+    kv = 2 * cfg.num_layers * kv_heads * cfg.head_dim
+    summaries = 0 if sparse is None else cfg.num_layers * kv_heads * cfg.head_dim / sparse.kernel_stride
     # a chunk's activations in float32 at most: the residual stream and norms, q/k/v, gate/up and the activation
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     work = chunk * (4 * cfg.hidden_size + 2 * qkv + 3 * cfg.intermediate_size) * 4 + cfg.vocab_size * 4 * 8

@@ -4,14 +4,16 @@ Parameter names equal the Hugging Face checkpoint names without the leading "mod
 """
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from infer.kernels import norm
+from infer.kernels import gemv, norm
 
 from .attention import SelectionRecord, attend, pass_context, uses_sparse
 from .config import ModelConfig, SparseConfig
 from .kv_cache import KVCache, Positions
 from .linear import Embedding, Linear
+from .parallel import FORWARD, Parallel
 from .rope import Rope, rope_append
 
 
@@ -26,16 +28,22 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Parameters as in the checkpoint (q_proj, k_proj, v_proj); `fuse` joins the three into qkv_proj."""
+    """Parameters as in the checkpoint (q_proj, k_proj, v_proj); `fuse` joins the three into qkv_proj. Under tensor
+    parallelism this rank holds its share of the KV heads with their query heads (q/k/v split by rows, o by
+    columns)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: Parallel | None = None):
         super().__init__()
         d, bias = cfg.head_dim, cfg.attention_bias
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * d, bias=bias)
-        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
-        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
-        self.o_proj = Linear(cfg.num_heads * d, cfg.hidden_size)
+        size = parallel.size if parallel else 1
+        if parallel:
+            parallel.split(cfg.num_kv_heads, "key-value heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads // size, cfg.num_kv_heads // size, d
+        rows = dict(parallel=parallel, split=0)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * d, bias=bias, **rows)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias, **rows)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias, **rows)
+        self.o_proj = Linear(cfg.num_heads * d, cfg.hidden_size, parallel=parallel, split=1)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -70,13 +78,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Parameters as in the checkpoint (gate_proj, up_proj, down_proj); `fuse` joins gate and up into gate_up_proj."""
+    """Parameters as in the checkpoint (gate_proj, up_proj, down_proj); `fuse` joins gate and up into gate_up_proj.
+    Under tensor parallelism this rank holds a slice of the intermediate features (gate/up rows, down columns)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: Parallel | None = None):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, parallel=parallel, split=0)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, parallel=parallel, split=0)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, parallel=parallel, split=1)
 
     def fuse(self) -> None:
         self.gate_up_proj = Linear.fused(self.gate_proj, self.up_proj)
@@ -89,10 +98,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: Parallel | None = None):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, parallel)
+        self.mlp = MLP(cfg, parallel)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.residual_scale = cfg.residual_scale
@@ -105,13 +114,16 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: Parallel | None = None):
+        """parallel: this rank's place in a tensor-parallel group (engine/parallel.py); the model is then its slice,
+        the vocabulary split too (the embedding's and the LM head's rows)."""
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.parallel = parallel
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, parallel)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, parallel) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, parallel=parallel, split=0)
         self.rope: Rope | None = None  # set by `setup` once the weights are on their device
         self.dtype: torch.dtype | None = None  # likewise
 
@@ -128,8 +140,16 @@ class Transformer(nn.Module):
             layer.mlp.fuse()
 
     def new_cache(self, max_len: int, sparse: SparseConfig | None = None) -> KVCache:
-        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, self.dtype,
-                       self.rope.device, sparse, self.rope)
+        kv_heads = self.layers[0].self_attn.num_kv_heads  # this rank's
+        return KVCache(self.cfg.num_layers, kv_heads, max_len, self.cfg.head_dim, self.dtype, self.rope.device,
+                       sparse, self.rope)
+
+    def run(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1, record: SelectionRecord | None = None):
+        """forward, announced first to the followers of a tensor-parallel group (the passes the engine runs outside
+        its CUDA graphs: prompt chunks, scoring)."""
+        if self.parallel is not None:
+            self.parallel.announce(FORWARD, cache.length, tokens, num_logits)
+        return self(tokens, cache, num_logits=num_logits, record=record)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, num_logits: int = 1, pos: Positions | None = None,
@@ -154,6 +174,12 @@ class Transformer(nn.Module):
         cache.length = start + num_tokens
         logits = self.lm_head(self.norm(h[-num_logits:]), argmax=argmax, out_dtype=torch.float32)
         logits = logits.float()  # [num_logits, V]: already float32 from the one-row GEMV
+        if self.parallel is not None:  # this rank's slice of the vocabulary: the argmax and the logits of all
+            if argmax is not None:
+                found = argmax != gemv.EMPTY_ARGMAX  # its row indices made the vocabulary's: one max across ranks
+                argmax.copy_(self.parallel.all_reduce(torch.where(found, argmax - self.lm_head.shard.start, argmax),
+                                                      op=dist.ReduceOp.MAX))
+            logits = self.parallel.all_gather_columns(logits)
         return logits if self.cfg.logit_scale == 1.0 else logits * self.cfg.logit_scale
 
 
@@ -188,7 +214,7 @@ def prefill(model: Transformer, cache: KVCache, cached: list[int], tokens: list[
         if alone and end == n and decode is not None:
             logits = decode(ids[begin:end])
         else:
-            logits = model(ids[begin:end], cache)
+            logits = model.run(ids[begin:end], cache)
         cached += tokens[begin:end]
         if on_progress:
             on_progress(end - keep, n - keep)

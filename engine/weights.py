@@ -14,6 +14,7 @@ from .errors import InferError, ParameterError
 from .gguf import GGUFTensor, gguf_file, read_gguf
 from .linear import Embedding, Linear
 from .model import Transformer
+from .parallel import Parallel
 from .sampling import generation_defaults
 from .tokenizer import Tokenizer
 
@@ -108,15 +109,17 @@ QUANTIZE = {"int8": quant.QUANT_TYPES["Q8_0"], "int4": quant.QUANT_TYPES["Q4_0"]
 
 
 def load_model(checkpoint: Checkpoint, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-               progress: bool = True, packed: bool | None = None, quantize: str | None = None) -> Transformer:
+               progress: bool = True, packed: bool | None = None, quantize: str | None = None,
+               parallel: Parallel | None = None) -> Transformer:
     """Build the model of `cfg` (the checkpoint's config) on the meta device, then fill it one tensor at a time from
     the memory-mapped checkpoint. packed: keep quantized weights in their blocks (default: on CUDA; see
-    engine/linear.py). quantize: "int8" or "int4" (QUANTIZE), for a float checkpoint's matrices."""
+    engine/linear.py). quantize: "int8" or "int4" (QUANTIZE), for a float checkpoint's matrices. parallel: load
+    only this tensor-parallel rank's slice of each weight (engine/parallel.py)."""
     if quantize is not None and (quantize not in QUANTIZE or checkpoint.gguf is not None):
         raise ParameterError("quantize", f"must be one of {', '.join(QUANTIZE)}, for a float checkpoint"
                                          + (" (a GGUF is quantized already)" if checkpoint.gguf is not None else ""))
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, parallel)
     expected = dict(model.named_parameters())
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -169,14 +172,22 @@ def _gguf_tensors(checkpoint: Checkpoint):
 
 def _assign(model: Transformer, name: str, tensor: torch.Tensor | GGUFTensor, shape: torch.Size, device, dtype,
             packed: bool) -> None:
-    logical = tensor.shape if isinstance(tensor, GGUFTensor) else tuple(tensor.shape)
-    if tuple(logical) != tuple(shape):
-        raise InferError(f"weight {name} has shape {tuple(logical)}, the config implies {tuple(shape)}")
+    """Set parameter `name` (of local shape `shape`) from a checkpoint tensor: the whole tensor, of which a layer that
+    holds a tensor-parallel slice (a Linear's or an Embedding's Shard) keeps its slice."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    shard = getattr(module, "shard", None)
+    full = tuple(shape)
+    if shard is not None:
+        full = module.full_shape if attr == "weight" else (module.full_shape[0],)
+    logical = tensor.shape if isinstance(tensor, GGUFTensor) else tuple(tensor.shape)
+    if tuple(logical) != full:
+        raise InferError(f"weight {name} has shape {tuple(logical)}, the config implies {full}")
     if isinstance(tensor, GGUFTensor):
         if isinstance(module, (Linear, Embedding)) and attr == "weight":
             module.load(tensor.data, tensor.qtype, device, dtype, packed)
             return
         tensor = quant.reference(tensor.data, tensor.qtype).reshape(tensor.shape)
-    setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+    if shard is not None and (attr == "weight" or shard.dim == 0):
+        tensor = shard.of(tensor)
+    setattr(module, attr, torch.nn.Parameter(tensor.contiguous().to(device=device, dtype=dtype), requires_grad=False))

@@ -53,6 +53,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 _NO_ARGMAX = tl.constexpr(-(1 << 63))  # an argmax slot's value before any row was packed into it
+EMPTY_ARGMAX = _NO_ARGMAX.value
 _LOW32 = tl.constexpr((1 << 32) - 1)
 ARGMAX_SLOTS = 64
 
@@ -190,7 +191,7 @@ def _take_argmax_kernel(best_ptr, token_ptr, advance_ptr, n_advance,
 
 def argmax_buffer(device: torch.device) -> torch.Tensor:
     """An empty argmax buffer for `gemv(..., argmax=)`: int64 [ARGMAX_SLOTS]."""
-    return torch.full((ARGMAX_SLOTS,), _NO_ARGMAX.value, dtype=torch.int64, device=device)
+    return torch.full((ARGMAX_SLOTS,), EMPTY_ARGMAX, dtype=torch.int64, device=device)
 
 
 def take_argmax(best: torch.Tensor, token: torch.Tensor, advance: torch.Tensor | None = None) -> None:

@@ -273,7 +273,7 @@ def token_nll(engine: Engine, tokens: list[int], chunk: int = NLL_CHUNK, split: 
     try:
         for begin, end in zip(bounds, bounds[1:]):
             record = SelectionRecord()
-            logits = engine.model(ids[begin:end], engine.cache, num_logits=end - begin, record=record)  # [T, V] fp32
+            logits = engine.model.run(ids[begin:end], engine.cache, end - begin, record)  # [T, V] fp32
             targets = ids[begin + 1:end + 1]  # the last position of the text predicts nothing
             m = targets.shape[0]
             logp = logits[:m].log_softmax(-1)
