@@ -17,8 +17,8 @@ decode step slower (BENCHMARKS.md).
 
 `gemv` (T = 1): each program owns BLOCK_N rows of W. A dense W is walked in BLOCK_K steps multiply-adding into a
 fp32 [BLOCK_N, BLOCK_K] tile summed once at the end; a packed W in groups of NB blocks decoded in registers by
-quant.decode, x read at the decoded values' columns. `skinny_gemm` (T = 2..16, packed W): each decoded weight tile
-serves all T rows through tl.dot.
+quant.decode, each of its two halves multiplied by x read at its columns and added up in the shape it was decoded
+in. `skinny_gemm` (T = 2..16, packed W): each decoded half serves all T rows through tl.dot.
 """
 
 import torch
@@ -29,7 +29,6 @@ from infer.kernels import activation, pdl, quant
 
 _REFERENCE_CHUNK = 1 << 24  # weight elements dequantized at a time by `reference` (64 MB of fp32)
 SKINNY_MAX_ROWS = 16  # the most rows skinny_gemm takes: one tensor-core tile of rows
-OFFSET_TYPES = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")  # GGML types whose values carry an offset: d * q + m
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
@@ -60,12 +59,19 @@ ARGMAX_SLOTS = 64
 
 @triton.jit
 def _x_at(x_ptr, K, k, mask, GATED: tl.constexpr):
-    """x's elements at columns k (fp32; 0 where mask is false); gated: silu(gate) * up of x = [gate | up], rounded
-    to x's dtype as the activation kernel writes it."""
-    x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
-        x = activation.silu_times(x, up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    """x's elements at columns k (fp32; 0 where mask is false, None: all in bounds); gated: silu(gate) * up of
+    x = [gate | up], rounded to x's dtype as the activation kernel writes it. (A mask the compiler cannot prove
+    constant keeps the loads from being vectorized.)"""
+    if mask is None:
+        x = tl.load(x_ptr + k).to(tl.float32)
+        if GATED:
+            up = tl.load(x_ptr + K + k).to(tl.float32)
+            x = activation.silu_times(x, up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
+            x = activation.silu_times(x, up).to(x_ptr.dtype.element_ty).to(tl.float32)
     return x
 
 
@@ -139,11 +145,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, residual_s
 
 
 @triton.jit
-def _decode_group(w_ptr, row_off, g, n_groups, row_mask, QTYPE: tl.constexpr, NB: tl.constexpr):
-    """Group g of the rows, NB blocks from block g * NB, decoded (quant.decode: values [BLOCK_N, NB * block_elems]
-    and their columns); zeros, nothing read, when g >= n_groups, the row's whole groups. (where(c, mask, False),
-    not mask & c: the interpreter takes no bool tensor & bool scalar as a mask.)"""
-    return quant.decode(w_ptr, row_off, g * NB, tl.where(g < n_groups, row_mask, False), QTYPE, NB)
+def _row_sums(acc):
+    """[BLOCK_N, ...] -> [BLOCK_N]: each row's sum."""
+    return tl.sum(tl.reshape(acc, [acc.shape[0], acc.numel // acc.shape[0]]), axis=1)
 
 
 @triton.jit
@@ -158,20 +162,24 @@ def _packed_gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, row
     n_blocks = K // BLOCK_ELEMS
     n_groups = n_blocks // NB
     GROUP: tl.constexpr = NB * BLOCK_ELEMS
-    # As in the dense loop: each step decodes the next group before using the current one, the first before `enter`.
-    w, cols = _decode_group(w_ptr, row_off, 0, n_groups, row_mask, QTYPE, NB)  # [BLOCK_N, GROUP], [GROUP]
+    # Each half multiply-adds in the shape it was decoded in (quant's "Triton decoders"), summed once at the end.
+    # Unlike the dense loop, no group is decoded ahead of its use: compiled for an H200, that pipelining gave wrong
+    # sums for the types with an offset (d * q + m), and was slower.
     pdl.enter(PDL)
-    acc = tl.zeros([BLOCK_N, GROUP], dtype=tl.float32)
-    for g in range(0, n_groups):
-        x = _x_at(x_ptr, K, g * GROUP + cols, cols < GROUP, GATED)  # [GROUP]
-        w_next, _ = _decode_group(w_ptr, row_off, g + 1, n_groups, row_mask, QTYPE, NB)
-        acc += w * x[None, :]
-        w = w_next
-    y = tl.sum(acc, axis=1)  # [BLOCK_N]
+    low, low_cols, high, high_cols = quant.decode(w_ptr, row_off, 0, row_mask, QTYPE, NB)  # group 0
+    acc_low = low * _x_at(x_ptr, K, low_cols, None, GATED)  # [BLOCK_N, NB, ...]
+    acc_high = high * _x_at(x_ptr, K, high_cols, None, GATED)
+    for g in range(1, n_groups):
+        low, _, high, _ = quant.decode(w_ptr, row_off, g * NB, row_mask, QTYPE, NB)
+        acc_low += low * _x_at(x_ptr, K, g * GROUP + low_cols, None, GATED)
+        acc_high += high * _x_at(x_ptr, K, g * GROUP + high_cols, None, GATED)
+    y = _row_sums(acc_low) + _row_sums(acc_high)  # [BLOCK_N]
     for block in range(n_groups * NB, n_blocks):  # the last n_blocks % NB blocks, one at a time
-        w_block, block_cols = quant.decode(w_ptr, row_off, block, row_mask, QTYPE, 1)  # [BLOCK_N, BLOCK_ELEMS]
-        x_block = _x_at(x_ptr, K, block * BLOCK_ELEMS + block_cols, block_cols < BLOCK_ELEMS, GATED)
-        y += tl.sum(w_block * x_block[None, :], axis=1)
+        # (names of their own: a loop's variables keep one shape, and these blocks' differs from the groups')
+        one_low, one_low_cols, one_high, one_high_cols = quant.decode(w_ptr, row_off, block, row_mask, QTYPE, 1)
+        one_x_low = _x_at(x_ptr, K, block * BLOCK_ELEMS + one_low_cols, None, GATED)
+        one_x_high = _x_at(x_ptr, K, block * BLOCK_ELEMS + one_high_cols, None, GATED)
+        y += _row_sums(one_low * one_x_low) + _row_sums(one_high * one_x_high)
     y = _epilogue(y, rows, rows, row_mask, b_ptr, r_ptr, out_ptr, residual_scale, dtype, HAS_BIAS, RESIDUAL)
     if ARGMAX:
         _pack_argmax(y, rows, row_mask, N, best_ptr, SLOTS)
@@ -205,10 +213,18 @@ def take_argmax(best: torch.Tensor, token: torch.Tensor, advance: torch.Tensor |
 
 def group_blocks(n_blocks: int, max_blocks: int) -> int:
     """NB, the blocks a packed kernel decodes per step of a row of n_blocks blocks: the power of two up to
-    max_blocks (at least 1) that walks the row in the fewest steps (n_blocks // NB groups, then the rest one
-    block at a time), the larger one on ties."""
-    return min((1 << i for i in range(max(1, max_blocks).bit_length())),
+    max_blocks and n_blocks (at least 1: a row has one group at least) that walks the row in the fewest steps
+    (n_blocks // NB groups, then the rest one block at a time), the larger one on ties."""
+    return min((1 << i for i in range(max(1, min(max_blocks, n_blocks)).bit_length())),
                key=lambda nb: (n_blocks // nb + n_blocks % nb, -nb))
+
+
+def packed_tile(qt: quant.QuantType) -> tuple[int, int]:
+    """(block_n, block_k) of the packed GEMV for qt: rows per program, and elements of each row per step (the
+    best of a sweep on an H200 at the Llama-3-8B shapes, BENCHMARKS.md)."""
+    if qt.name in ("Q6_K", "Q8_0"):
+        return 8, 512
+    return (4, 1024) if qt.block_elems == 256 else (4, 512)
 
 
 def _packed_shape(weight: torch.Tensor, qtype) -> tuple[quant.QuantType, int, int]:
@@ -220,20 +236,24 @@ def _packed_shape(weight: torch.Tensor, qtype) -> tuple[quant.QuantType, int, in
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
          residual: torch.Tensor | None = None, residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None, qtype=None, block_n: int = 4, block_k: int = 1024,
-         num_warps: int | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, qtype=None, block_n: int | None = None,
+         block_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """`reference` for x [1, K] (or [1, 2K] gated) with a contiguous last dim; weight [N, K] contiguous, or with
     qtype uint8 [N, row_bytes] contiguous; residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the
     output's argmax into; out_dtype: the output's dtype (default x's; the values are rounded to x's dtype either
     way: float32 saves logits a cast). A program reads block_n rows, block_k elements of each per step (packed:
-    NB = group_blocks(blocks of a row, block_k // block_elems) blocks). Warps default to 4, or 8 when gated (the
-    SiLU of each x tile; faster in the decode step, BENCHMARKS.md)."""
-    num_warps = num_warps or (8 if gated else 4)
+    NB = group_blocks(blocks of a row, block_k // block_elems) blocks); they default to 4 and 1024, or to
+    packed_tile for a packed weight. Warps default to 4, or 8 for a dense weight when gated (the SiLU of each x
+    tile; faster in the decode step, BENCHMARKS.md; 4 stay faster for a packed one)."""
+    num_warps = num_warps or (8 if gated and qtype is None else 4)
     if qtype is None:
         N, K = weight.shape
         assert weight.is_contiguous()
+        tile = (4, 1024)
     else:
         qt, N, K = _packed_shape(weight, qtype)
+        tile = packed_tile(qt)
+    block_n, block_k = block_n or tile[0], block_k or tile[1]
     assert x.shape == (1, 2 * K if gated else K) and x.stride(1) == 1
     assert residual is None or (residual.shape == (1, N) and residual.is_contiguous())
     assert argmax is None or (argmax.shape == (ARGMAX_SLOTS,) and argmax.dtype == torch.int64)
@@ -247,10 +267,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         _gemv_kernel[grid](x, weight, *common, N, K, residual_scale,
                            BLOCK_K=min(block_k, triton.next_power_of_2(K)), **flags)
     else:
-        # One block a step for the types with an offset (d * q + m): compiled for sm_90 by triton 3.6, the grouped
-        # decode (NB > 1) of those gave wrong sums on an H200, while the interpreter and NB = 1 are right.
-        max_blocks = 1 if qt.name in OFFSET_TYPES else block_k // qt.block_elems
-        nb = group_blocks(K // qt.block_elems, max_blocks)
+        nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
         _packed_gemv_kernel[grid](x, weight, *common, N, K, weight.shape[1], residual_scale, QTYPE=qt.name,
                                   BLOCK_ELEMS=qt.block_elems, NB=nb, **flags)
     return out
@@ -258,16 +275,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 @triton.jit
 def _multiply_add(x, w, acc, dtype: tl.constexpr):
-    """acc [BLOCK_T, BLOCK_N] + x [BLOCK_T, E] @ w [BLOCK_N, E]^T, both fp32 rounded to dtype first (x's values
-    are dtype's already; fp32: exact fp32 products). tl.dot needs E >= 16; a narrower step (a plain type's single
-    element) multiplies and sums."""
+    """acc [BLOCK_T, BLOCK_N] + x [BLOCK_T, E] @ w [BLOCK_N, E]^T (E >= 16, as tl.dot needs), both fp32 rounded
+    to dtype first (x's values are dtype's already; fp32: exact fp32 products)."""
     x = x.to(dtype)
     w = w.to(dtype)
-    if w.shape[1] >= 16:
-        if dtype == tl.float32:
-            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        return tl.dot(x, tl.trans(w), acc)
-    return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if dtype == tl.float32:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def _multiply_add_half(x_rows, K, start, t_mask, w, cols, acc, dtype: tl.constexpr):
+    """acc [BLOCK_T, BLOCK_N] plus the x rows' elements at start + cols times a decoded half w (see quant.decode)."""
+    w, cols = quant.flat(w, cols)  # [BLOCK_N, E], [E]
+    x = _x_at(x_rows, K, start + cols[None, :], t_mask, False)  # [BLOCK_T, E]
+    return _multiply_add(x, w, acc, dtype)
 
 
 @triton.jit
@@ -285,18 +307,16 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, N, K, row_bytes,
     n_blocks = K // BLOCK_ELEMS
     n_groups = n_blocks // NB
     GROUP: tl.constexpr = NB * BLOCK_ELEMS
-    w, cols = _decode_group(w_ptr, row_off, 0, n_groups, n_mask, QTYPE, NB)  # [BLOCK_N, GROUP], [GROUP]
     pdl.enter(PDL)
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    for g in range(0, n_groups):
-        x = _x_at(x_rows, K, g * GROUP + cols[None, :], t_mask, False)  # [BLOCK_T, GROUP]
-        w_next, _ = _decode_group(w_ptr, row_off, g + 1, n_groups, n_mask, QTYPE, NB)
-        acc = _multiply_add(x, w, acc, dtype)
-        w = w_next
+    for g in range(0, n_groups):  # as in the one-row kernel, each group decoded where it is used
+        low, low_cols, high, high_cols = quant.decode(w_ptr, row_off, g * NB, n_mask, QTYPE, NB)
+        acc = _multiply_add_half(x_rows, K, g * GROUP, t_mask, low, low_cols, acc, dtype)
+        acc = _multiply_add_half(x_rows, K, g * GROUP, t_mask, high, high_cols, acc, dtype)
     for block in range(n_groups * NB, n_blocks):  # the last n_blocks % NB blocks, one at a time
-        w_block, block_cols = quant.decode(w_ptr, row_off, block, n_mask, QTYPE, 1)  # [BLOCK_N, BLOCK_ELEMS]
-        x_block = _x_at(x_rows, K, block * BLOCK_ELEMS + block_cols[None, :], t_mask, False)
-        acc = _multiply_add(x_block, w_block, acc, dtype)
+        one_low, one_low_cols, one_high, one_high_cols = quant.decode(w_ptr, row_off, block, n_mask, QTYPE, 1)
+        acc = _multiply_add_half(x_rows, K, block * BLOCK_ELEMS, t_mask, one_low, one_low_cols, acc, dtype)
+        acc = _multiply_add_half(x_rows, K, block * BLOCK_ELEMS, t_mask, one_high, one_high_cols, acc, dtype)
     _epilogue(acc, n[None, :], t[:, None] * N + n[None, :], t_mask & n_mask[None, :], b_ptr, r_ptr, out_ptr,
               residual_scale, dtype, HAS_BIAS, RESIDUAL)
 

@@ -2,7 +2,8 @@
 
 A 2-D weight of N rows of K elements stays in the file's own layout: uint8 [N, K // block_elems * block_bytes],
 each row its blocks back to back (GGUF stores rows contiguously, so a tensor's raw bytes reshape to this). F32,
-F16 and BF16 are "blocks" of one element, so every weight goes through the same path.
+F16 and BF16 are "blocks" of one element to the reference (the loader keeps those weights dense: no kernel decodes
+them).
 
 Semantics (`reference`): the float32 values gguf-py's `gguf.quants.dequantize` gives, bit for bit, computed with
 the same float32 operations in the same order. Every product in these formats is exact in float32: it has at most
@@ -11,11 +12,11 @@ subnormal (the smallest fp16 is 2^-24). So the only rounding is the final add of
 Q4_K, Q5_K), and contracting that multiply-add into an FMA, as GPU compilers do, cannot change the result.
 
 Triton: `decode_<type>(w_ptr, row_off, block, row_mask, NB)` decodes NB consecutive blocks of BLOCK_N rows in
-registers, for other kernels to build on (a GEMV multiplies the values by x loaded at `cols`, `dequantize` stores
-them at `cols`). Each one loads a row's quant bytes of a block as contiguous runs (vectorizable: a Q4_K block's
+registers, for other kernels to build on (a GEMV multiplies the values by x loaded at their columns, `dequantize`
+stores them there). Each one loads a row's quant bytes of a block as contiguous runs (vectorizable: a Q4_K block's
 128 quant bytes start 16-byte aligned), its fp16 scales as single gathered loads, Q4_K/Q5_K's packed sub-scales
-as three 32-bit words decoded four at a time, and returns the values in the order the bytes hold them (a byte's
-low and high nibbles side by side, not 16, 32 or 64 elements apart as in the row).
+as three 32-bit words decoded four at a time, and returns the values in two halves shaped as the bytes hold them
+(a byte's low nibbles, then its high nibbles), never merged: see the section "Triton decoders" below.
 
 Under the CPU interpreter `dequantize` equals `reference` bit for bit in float32 on every type (tests/test_quant.py);
 by the argument above a GPU build should too (not measured here). bf16/fp16 output is the float32 value rounded
@@ -205,14 +206,6 @@ def reference(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32)
     return out.reshape(data.shape[:-1] + (K,))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Triton decoders. Each takes w_ptr (uint8), row_off [BLOCK_N] int64 byte offsets of the rows, block (the first
-# block index decoded, the same for every row), row_mask [BLOCK_N] and NB (constexpr, a power of two: blocks per
-# call) and returns values fp32 [BLOCK_N, NB * block_elems] and cols int32 [NB * block_elems], each value's
-# element index relative to block * block_elems. Blocks block .. block + NB - 1 must lie in the row (a caller
-# whose row length is no multiple of NB blocks walks the rest with NB=1). Masked rows decode to zeros.
-
-
 def _roundf(x: torch.Tensor) -> torch.Tensor:
     """C's roundf (halves away from zero), as ggml rounds: sign(x) * (floor(|x|) + floor(2 (|x| - floor(|x|))))."""
     a = x.abs()
@@ -263,39 +256,23 @@ def random_blocks(qtype, rows: int, cols: int, device: torch.device, std: float 
     return blocks.reshape(rows, -1)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Triton decoders. Each takes w_ptr (uint8), row_off [BLOCK_N] int64 byte offsets of the rows, block (the first
+# block index decoded, the same for every row), row_mask [BLOCK_N] and NB (constexpr, a power of two: blocks per
+# call). Blocks block .. block + NB - 1 must lie in the row (a caller whose row length is no multiple of NB blocks
+# walks the rest with NB=1); masked rows decode to zeros. Each returns the values in two halves, as the bytes hold
+# them (a byte's low and high nibbles; Q8_0's first and last blocks), with each value's element index relative
+# to block * block_elems:
+#     low fp32 [BLOCK_N, NB, ...], low_cols int32 [1, NB, ...], high fp32 and high_cols of the same shapes.
+# The halves keep the shapes the loads give: merging them (tl.interleave, tl.reshape) costs a layout conversion
+# through shared memory per step, which made the GEMV up to 2.5x slower on an H200 (BENCHMARKS.md), and an
+# interleaved decode of several blocks summed wrong there.
+
+
 @triton.jit
 def _load(base, offsets, mask, dtype: tl.constexpr):
     """dtype values at byte offsets from base (uint8 pointers), read little-endian; 0 where mask is false."""
     return tl.load((base + offsets).to(tl.pointer_type(dtype)), mask=mask, other=0)
-
-
-@triton.jit
-def _flat(values, cols, ELEMS: tl.constexpr):
-    """[BLOCK_N, NB, ...] values and [1, NB, ...] cols -> [BLOCK_N, ELEMS] and [ELEMS]."""
-    return tl.reshape(values, [values.shape[0], ELEMS]), tl.reshape(cols, [ELEMS])
-
-
-@triton.jit
-def _plain(w_ptr, row_off, block, row_mask, NB: tl.constexpr, DTYPE: tl.constexpr, SIZE: tl.constexpr):
-    """F32/F16/BF16: NB consecutive elements (widening to float32 is exact)."""
-    j = tl.arange(0, NB)  # [NB]
-    values = _load(w_ptr + row_off[:, None], (block + j[None, :]) * SIZE, row_mask[:, None], DTYPE)  # [BLOCK_N, NB]
-    return values.to(tl.float32), j
-
-
-@triton.jit
-def decode_f32(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
-    return _plain(w_ptr, row_off, block, row_mask, NB, tl.float32, 4)
-
-
-@triton.jit
-def decode_f16(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
-    return _plain(w_ptr, row_off, block, row_mask, NB, tl.float16, 2)
-
-
-@triton.jit
-def decode_bf16(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
-    return _plain(w_ptr, row_off, block, row_mask, NB, tl.bfloat16, 2)
 
 
 @triton.jit
@@ -310,14 +287,22 @@ def _blocks32(w_ptr, row_off, block, row_mask, NB: tl.constexpr, BYTES: tl.const
 
 @triton.jit
 def decode_q8_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
-    # d fp16 @0 | qs int8[32] @2: element i = qs[i] * d
-    j = tl.arange(0, NB)[None, :, None]  # [1, NB, 1]
-    i = tl.arange(0, 32)[None, None, :]  # [1, 1, 32]
-    base = w_ptr + row_off[:, None, None] + (block + j) * 34  # [BLOCK_N, NB, 1]
+    # d fp16 @0 | qs int8[32] @2: element i = qs[i] * d. Halves: the first and the last NB / 2 blocks, each block's
+    # quants one 32-byte run (read so, the GEMV ran up to 1.7x faster than reading 16 + 16 bytes); for NB = 1 the
+    # block's first and last 16 quants.
+    HALF: tl.constexpr = NB // 2 if NB > 1 else 1  # blocks in a half
+    WIDTH: tl.constexpr = 32 if NB > 1 else 16  # quants of a block in a half
+    HIGH: tl.constexpr = HALF * 34 if NB > 1 else 16  # bytes from a low quant to its high partner
+    j = tl.arange(0, HALF)[None, :, None]  # [1, HALF, 1]
+    i = tl.arange(0, WIDTH)[None, None, :]  # [1, 1, WIDTH]
+    base = w_ptr + row_off[:, None, None] + (block + j) * 34  # [BLOCK_N, HALF, 1]
     mask = row_mask[:, None, None]
-    d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
-    q = _load(base, 2 + i, mask, tl.int8).to(tl.float32)  # [BLOCK_N, NB, 32]
-    return _flat(q * d, j * 32 + i, NB * 32)
+    d_low = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, HALF, 1]
+    d_high = _load(base, HIGH if NB > 1 else 0, mask, tl.float16).to(tl.float32)
+    low = _load(base, 2 + i, mask, tl.int8).to(tl.float32)  # [BLOCK_N, HALF, WIDTH]
+    high = _load(base, 2 + HIGH + i, mask, tl.int8).to(tl.float32)
+    col = j * 32 + i  # [1, HALF, WIDTH]
+    return low * d_low, col, high * d_high, col + (HALF * 32 if NB > 1 else 16)
 
 
 @triton.jit
@@ -326,8 +311,7 @@ def decode_q4_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
     base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 18)
     d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
     qs = _load(base, 2 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
-    q = tl.interleave((qs & 15) - 8, (qs >> 4) - 8)  # [BLOCK_N, NB, 32]
-    return _flat(d * q.to(tl.float32), tl.interleave(col, col + 16), NB * 32)
+    return d * ((qs & 15) - 8).to(tl.float32), col, d * ((qs >> 4) - 8).to(tl.float32), col + 16
 
 
 @triton.jit
@@ -337,8 +321,7 @@ def decode_q4_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
     d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
     m = _load(base, 2, mask, tl.float16).to(tl.float32)
     qs = _load(base, 4 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
-    q = tl.interleave(qs & 15, qs >> 4)  # [BLOCK_N, NB, 32]
-    return _flat(d * q.to(tl.float32) + m, tl.interleave(col, col + 16), NB * 32)
+    return d * (qs & 15).to(tl.float32) + m, col, d * (qs >> 4).to(tl.float32) + m, col + 16
 
 
 @triton.jit
@@ -350,8 +333,9 @@ def decode_q5_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
     qh_low = _load(base, 2, mask, tl.uint16).to(tl.int32)  # [BLOCK_N, NB, 1]
     qh_high = _load(base, 4, mask, tl.uint16).to(tl.int32)
     qs = _load(base, 6 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
-    q = tl.interleave((qs & 15) | (((qh_low >> i) & 1) << 4), (qs >> 4) | (((qh_high >> i) & 1) << 4))
-    return _flat(d * (q - 16).to(tl.float32), tl.interleave(col, col + 16), NB * 32)
+    low = (qs & 15) | (((qh_low >> i) & 1) << 4)
+    high = (qs >> 4) | (((qh_high >> i) & 1) << 4)
+    return d * (low - 16).to(tl.float32), col, d * (high - 16).to(tl.float32), col + 16
 
 
 @triton.jit
@@ -363,8 +347,9 @@ def decode_q5_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
     m = _load(base, 2, mask, tl.float16).to(tl.float32)
     qh = _load(base, 4, mask, tl.int32)  # [BLOCK_N, NB, 1]
     qs = _load(base, 8 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 16]
-    q = tl.interleave((qs & 15) | (((qh >> i) & 1) << 4), (qs >> 4) | (((qh >> (i + 16)) & 1) << 4))
-    return _flat(d * q.to(tl.float32) + m, tl.interleave(col, col + 16), NB * 32)
+    low = (qs & 15) | (((qh >> i) & 1) << 4)
+    high = (qs >> 4) | (((qh >> (i + 16)) & 1) << 4)
+    return d * low.to(tl.float32) + m, col, d * high.to(tl.float32) + m, col + 16
 
 
 @triton.jit
@@ -402,8 +387,7 @@ def decode_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
     # element = (d * scale) * q - dmin * min
     base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, 144)
     qs = _load(base, 16 + g * 32 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
-    values = tl.interleave(d_low * (qs & 15).to(tl.float32) - m_low, d_high * (qs >> 4).to(tl.float32) - m_high)
-    return _flat(values, tl.interleave(col, col + 32), NB * 256)
+    return d_low * (qs & 15).to(tl.float32) - m_low, col, d_high * (qs >> 4).to(tl.float32) - m_high, col + 32
 
 
 @triton.jit
@@ -415,8 +399,7 @@ def decode_q5_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
     qs = _load(base, 48 + g * 32 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
     q_low = (qs & 15) | (((qh >> (2 * g)) & 1) << 4)
     q_high = (qs >> 4) | (((qh >> (2 * g + 1)) & 1) << 4)
-    values = tl.interleave(d_low * q_low.to(tl.float32) - m_low, d_high * q_high.to(tl.float32) - m_high)
-    return _flat(values, tl.interleave(col, col + 32), NB * 256)
+    return d_low * q_low.to(tl.float32) - m_low, col, d_high * q_high.to(tl.float32) - m_high, col + 32
 
 
 @triton.jit
@@ -439,20 +422,13 @@ def decode_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
     q_low = ((ql & 15) | (((qh >> (2 * k)) & 3) << 4)) - 32
     q_high = ((ql >> 4) | (((qh >> (2 * k + 4)) & 3) << 4)) - 32
     col = j * 256 + 128 * h + 32 * k + 16 * t + i  # [1, NB, 8, 16]
-    values = tl.interleave(d_low * q_low.to(tl.float32), d_high * q_high.to(tl.float32))
-    return _flat(values, tl.interleave(col, col + 64), NB * 256)
+    return d_low * q_low.to(tl.float32), col, d_high * q_high.to(tl.float32), col + 64
 
 
 @triton.jit
 def decode(w_ptr, row_off, block, row_mask, QTYPE: tl.constexpr, NB: tl.constexpr):
-    """decode_<QTYPE>, QTYPE a QuantType's name."""
-    if QTYPE == "F32":
-        return decode_f32(w_ptr, row_off, block, row_mask, NB)
-    elif QTYPE == "F16":
-        return decode_f16(w_ptr, row_off, block, row_mask, NB)
-    elif QTYPE == "BF16":
-        return decode_bf16(w_ptr, row_off, block, row_mask, NB)
-    elif QTYPE == "Q8_0":
+    """decode_<QTYPE>, QTYPE the name of a QuantType with blocks (block_elems > 1)."""
+    if QTYPE == "Q8_0":
         return decode_q8_0(w_ptr, row_off, block, row_mask, NB)
     elif QTYPE == "Q4_0":
         return decode_q4_0(w_ptr, row_off, block, row_mask, NB)
@@ -472,6 +448,14 @@ def decode(w_ptr, row_off, block, row_mask, QTYPE: tl.constexpr, NB: tl.constexp
 
 
 @triton.jit
+def flat(values, cols):
+    """A decoded half [BLOCK_N, NB, ...] and its cols [1, NB, ...] as [BLOCK_N, E] and [E] (for tl.dot and 2-D
+    stores; a layout conversion)."""
+    ELEMS: tl.constexpr = cols.numel
+    return tl.reshape(values, [values.shape[0], ELEMS]), tl.reshape(cols, [ELEMS])
+
+
+@triton.jit
 def _dequantize_kernel(w_ptr, rows_ptr, out_ptr, N, row_bytes, K, QTYPE: tl.constexpr,
                        BLOCK_ELEMS: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output rows
@@ -480,18 +464,25 @@ def _dequantize_kernel(w_ptr, rows_ptr, out_ptr, N, row_bytes, K, QTYPE: tl.cons
     if GATHER:
         src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
     block = tl.program_id(1) * NB
-    values, cols = decode(w_ptr, src.to(tl.int64) * row_bytes, block, row_mask, QTYPE, NB)  # [BLOCK_N, E], [E]
-    out = out_ptr + rows.to(tl.int64)[:, None] * K + block * BLOCK_ELEMS + cols[None, :]
-    tl.store(out, values.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    low, low_cols, high, high_cols = decode(w_ptr, src.to(tl.int64) * row_bytes, block, row_mask, QTYPE, NB)
+    out = out_ptr + rows.to(tl.int64)[:, None] * K + block * BLOCK_ELEMS  # [BLOCK_N, 1]
+    _store_half(out, low, low_cols, row_mask)
+    _store_half(out, high, high_cols, row_mask)
+
+
+@triton.jit
+def _store_half(out, values, cols, row_mask):
+    values, cols = flat(values, cols)  # [BLOCK_N, E], [E]
+    tl.store(out + cols[None, :], values.to(out.dtype.element_ty), mask=row_mask[:, None])
 
 
 def dequantize(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None,
                block_n: int = 4, tile_elems: int = 1024) -> torch.Tensor:
-    """`reference` of data uint8 [N, row_bytes] (contiguous), or of its rows `rows` (int64 [R], for embedding
-    lookups) -> [N or R, K] out_dtype. A program decodes block_n rows of up to tile_elems elements: the most
-    blocks, a power of two, that divide the row and fit."""
+    """`reference` of data uint8 [N, row_bytes] (contiguous) of a type with blocks, or of its rows `rows` (int64
+    [R], for embedding lookups) -> [N or R, K] out_dtype. A program decodes block_n rows of up to tile_elems
+    elements: the most blocks, a power of two, that divide the row and fit."""
     qt = quant_type(qtype)
-    assert data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
+    assert data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and qt.block_elems > 1
     assert rows is None or (rows.dtype == torch.int64 and rows.dim() == 1)
     N, row_bytes = data.shape
     K = qt.row_elems(row_bytes)

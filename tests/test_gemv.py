@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infer.kernels import activation, gemv, quant
-from test_quant import FP16_FIELDS, PLAIN_DTYPES, random_blocks
+from test_quant import BLOCK_TYPES, FP16_FIELDS, random_blocks
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
@@ -71,18 +71,16 @@ def test_argmax_packed_by_the_gemv(N, block_n, ties):
 # Packed GGUF weights (kernels.quant's types)
 
 # Blocks per row and block_k of the packed tests: whole groups of NB blocks, then NB = 1 steps for the rest.
-RAGGED = {1: (29, 8), 32: (5, 64), 256: (3, 512)}  # block_elems -> (blocks per row, block_k)
-# The distance in a block between the elements of a byte's low and high nibble (plain types: neighbours).
+RAGGED = {32: (5, 64), 256: (3, 512)}  # block_elems -> (blocks per row, block_k)
+# The distance in a block between the elements of a byte's low and high nibble (Q8_0: its two halves).
 NIBBLE_PARTNER = {"Q4_K": 32, "Q5_K": 32, "Q6_K": 64}
 
 
 def packed_weight(name: str, N: int, n_blocks: int, seed: int) -> torch.Tensor:
     """uint8 [N, n_blocks * block_bytes]: tests/test_quant.py's random valid blocks with every fp16 scale drawn
-    from N(0, 1) / 256 (plain types: N(0, 1) values), so that fp16 outputs stay far inside fp16's range."""
+    from N(0, 1) / 256, so that fp16 outputs stay far inside fp16's range."""
     qt = quant.quant_type(name)
     gen = torch.Generator().manual_seed(seed)
-    if name in PLAIN_DTYPES:
-        return torch.randn(N, n_blocks, generator=gen).to(PLAIN_DTYPES[name]).view(torch.uint8).reshape(N, -1)
     blocks = random_blocks(name, N, n_blocks, seed).reshape(N, n_blocks, qt.block_bytes)
     for at in FP16_FIELDS[name]:
         scales = (torch.randn(N, n_blocks, generator=gen) / 256).half()
@@ -127,9 +125,10 @@ def test_group_blocks():
     assert gemv.group_blocks(152, 32) == 16  # Q8_0, K = 4864: 9 groups and 8 blocks (32: 4 + 24 steps)
     assert gemv.group_blocks(28, 32) == 8  # 3 groups and 4 blocks, as few steps as 4 x 7 groups
     assert gemv.group_blocks(37, 32) == 32 and gemv.group_blocks(5, 0) == 1
+    assert gemv.group_blocks(3, 8) == 2 and gemv.group_blocks(1, 8) == 1  # never more blocks than the row has
 
 
-@pytest.mark.parametrize("name", quant.QUANT_TYPES)
+@pytest.mark.parametrize("name", BLOCK_TYPES)
 @pytest.mark.parametrize("dtype, options", [
     (torch.float32, {}),
     (torch.float16, dict(gated=True, bias=True, residual=True, residual_scale=0.5)),
@@ -168,7 +167,7 @@ def test_reference_dequantizes_in_chunks(monkeypatch):
 SKINNY_OPTIONS = [{}, dict(bias=True), dict(gated=True), dict(residual=True, residual_scale=0.5)]
 
 
-@pytest.mark.parametrize("i, name", list(enumerate(quant.QUANT_TYPES)))
+@pytest.mark.parametrize("i, name", list(enumerate(BLOCK_TYPES)))
 def test_skinny_gemm_matches_reference(i, name):
     """fp32 rows: the reference up to the order of the sums; T and the fusion vary with the type."""
     T, options = (2, 5, 8, 16)[i % 4], SKINNY_OPTIONS[i % len(SKINNY_OPTIONS)]
@@ -189,7 +188,7 @@ def test_skinny_gemm_fp16_within_the_stated_bound(T, name):
     assert err.max() > 0  # the rounding of the weights shows: the test measures what it states
 
 
-@pytest.mark.parametrize("name", quant.QUANT_TYPES)
+@pytest.mark.parametrize("name", BLOCK_TYPES)
 def test_each_weight_lands_in_its_place(name):
     """One-hot rows of x read single weights: every output equals the element of the dequantized weight bit for
     bit, so a permuted row, block or element (e.g. swapped nibbles) fails. Blocks with edge values (test_quant's
@@ -199,7 +198,7 @@ def test_each_weight_lands_in_its_place(name):
     K = n_blocks * qt.block_elems
     weight = random_blocks(name, 9, n_blocks, seed=7)
     ref = quant.reference(weight, name)  # [9, K]
-    partner = NIBBLE_PARTNER.get(name, {1: 1, 32: 16}.get(qt.block_elems))
+    partner = NIBBLE_PARTNER.get(name, 16)
     first = torch.randperm(K, generator=torch.Generator().manual_seed(len(name)))[:8]
     positions = torch.cat([first, first ^ partner])  # [16]
     assert all(not torch.equal(ref[:, p], ref[:, q]) for p, q in zip(first, first ^ partner))
