@@ -114,14 +114,14 @@ def sparse_overrides(args) -> dict:
                 dense_len=args.dense_len, use_nope=args.use_nope)
 
 
-def load_engine(args, sparse: dict | None = None):
+def load_engine(args, sparse: dict | None = None, variants: list[dict] = ()):
     from infer.engine.generate import Engine
     from infer.weights.catalogue import resolve_model
 
     engine = Engine(resolve_model(args.model, args.revision), device=args.device, dtype=args.dtype,
                     max_context=args.max_context, sparse=sparse or sparse_overrides(args),
                     progress=sys.stderr.isatty(), cuda_graphs=not args.eager, quantize=args.quantize, tp=args.tp,
-                    **speculative_options(args))
+                    variants=variants, **speculative_options(args))
     if engine.context_note:
         print(f"infer: note: {engine.context_note} (--max-context sets it)", file=sys.stderr)
     return engine
@@ -322,8 +322,6 @@ def cmd_eval(args) -> None:
         raise InferError(f"--suite {','.join(suites)}: choose from {', '.join(EVAL_SUITES)} (comma-separated)")
     if "ruler" not in suites and (args.tasks is not None or args.samples is not None):
         raise InferError("--tasks and --samples choose RULER's samples: add --suite ruler")
-    if args.tp != 1:
-        raise ParameterError("tp", "is for one engine a process; eval runs two (dense and sparse): leave it at 1")
     model_dir = resolve_model(args.model, args.revision)
     passkey_lengths = args.lengths if "passkey" in suites else []
     nll_tokens = (max(args.lengths, default=0) if args.nll_tokens is None else args.nll_tokens) if "nll" in suites else 0
@@ -332,8 +330,8 @@ def cmd_eval(args) -> None:
     if "ruler" in suites:
         tasks, samples = ruler.select_tasks(args.tasks), 20 if args.samples is None else args.samples
         ruler.check_request(model_dir, args.max_context, tasks, args.lengths, samples)
-    dense = load_engine(args, {"mode": "off"})
-    sparse = load_engine(args, {**sparse_overrides(args), "mode": args.sparse or "on"})
+    sparse = load_engine(args, {**sparse_overrides(args), "mode": args.sparse or "on"}, [{"mode": "off"}])
+    dense = sparse.variants[0]  # the same model, its own KV cache
     settings, dtype = dict(vars(sparse.sparse)), str(dense.model.dtype).removeprefix("torch.")
     say = Console(stderr=True, highlight=False, markup=False).print
 

@@ -1,6 +1,8 @@
 """Tensor parallelism on the CPU (gloo): `--tp N` generates what one process generates, for the Qwen demo and for
-random models of each architecture (sparse on and off, lookup on); a rank that dies takes the group down fast."""
+random models of each architecture (sparse on and off, lookup on), and evaluates what it evaluates; a rank that dies
+takes the group down fast."""
 
+import json
 import os
 import signal
 import subprocess
@@ -58,8 +60,21 @@ def test_the_qwen_demo_split_in_two(qwen):
     assert two.stdout == one.stdout and len(one.stdout) > 20
 
 
-@pytest.mark.parametrize("command", [["generate", "-p", "hi", "--tp", "3"],  # 4 KV heads
-                                     ["eval", "--tp", "2"]])  # two engines in one process
+def test_eval_split_in_two_scores_what_one_process_scores(models):
+    """Both of eval's engines (dense, and sparse as a variant over the same model) replayed by the follower."""
+    args = ["eval", str(models["llama"]), "--lengths", "200", "--depths", "0.5", "--nll-tokens", "300",
+            "--dense-len", "64", "--sparse", "auto", "--sparse-topk", "2", "--block-size", "16", "--window", "16",
+            "--answer-tokens", "4", "--json"]
+    one, two = (infer(*args, "--tp", tp) for tp in ("1", "2"))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    one, two = json.loads(one.stdout), json.loads(two.stdout)
+    assert two["passkey"] == one["passkey"] and one["passkey"][0]["sparse_attention"] == "sparse"
+    for key in ("dense_all", "sparse_all", "dense_long", "sparse_long", "dense_causal", "sparse_causal"):
+        assert two["nll"][key] == pytest.approx(one["nll"][key], rel=1e-5), key
+    assert one["nll"]["diff_long"] != 0  # the sparse engine really is another one than the dense
+
+
+@pytest.mark.parametrize("command", [["generate", "-p", "hi", "--tp", "3"]])  # 4 KV heads
 def test_a_split_the_engine_cannot_take_is_a_one_line_error(models, command):
     r = infer(command[0], str(models["llama"]), *command[1:])
     errors = [line for line in r.stderr.splitlines() if line.startswith("infer: error:")]
