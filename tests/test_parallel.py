@@ -1,6 +1,6 @@
 """Tensor parallelism on the CPU (gloo): `--tp N` generates what one process generates, for the Qwen demo and for
-random models of each architecture (sparse on and off, lookup on), and evaluates what it evaluates; a rank that dies
-takes the group down fast."""
+random models of each architecture (sparse on and off, lookup on), and evaluates what it evaluates; `infer bench`
+times a split model; a rank that dies takes the group down fast."""
 
 import json
 import os
@@ -74,7 +74,20 @@ def test_eval_split_in_two_scores_what_one_process_scores(models):
     assert one["nll"]["diff_long"] != 0  # the sparse engine really is another one than the dense
 
 
-@pytest.mark.parametrize("command", [["generate", "-p", "hi", "--tp", "3"]])  # 4 KV heads
+def test_bench_split_in_two_prints_the_table(models):
+    """Each rank builds its slice and times the same rows (a rank missing from a pass would hang it); rank 0 prints."""
+    r = infer("bench", str(models["llama"]), "--device", "cpu", "-p", "16", "-n", "2", "-d", "0,20", "--verify", "3",
+              "--sparse", "on", "--tp", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tensor-parallel over 2" in r.stdout
+    rows = [line.split("│")[1:3] for line in r.stdout.splitlines() if line.startswith("│")]
+    assert [(test.strip(), depth.strip()) for test, depth in rows] == [
+        ("pp16", "0"), ("tg2", "0"), ("tg2", "20"), ("v3", "0"), ("v3", "20")]
+
+
+@pytest.mark.parametrize("command", [["generate", "-p", "hi", "--tp", "3"],  # 4 KV heads
+                                     ["bench", "--tp", "3"],
+                                     ["bench", "--attention", "--tp", "2"]])  # one attention layer, one GPU
 def test_a_split_the_engine_cannot_take_is_a_one_line_error(models, command):
     r = infer(command[0], str(models["llama"]), *command[1:])
     errors = [line for line in r.stderr.splitlines() if line.startswith("infer: error:")]
