@@ -138,7 +138,9 @@ def launch(size: int, device: torch.device, target, args: tuple, announced: bool
     if size == 1:
         return None
     if launched:
-        return join(0, size, device, "env://", announced)
+        parallel = join(0, size, device, "env://", announced)
+        atexit.register(stop, parallel, [], threading.Event())  # torchrun's followers too wait for STOP
+        return parallel
     return start(size, device, target, args, announced)
 
 
@@ -167,7 +169,7 @@ def start(size: int, device: torch.device, target, args: tuple, announced: bool)
 
 
 def stop(parallel: Parallel, workers: list, stopping: threading.Event) -> None:
-    """Rank 0, on its way out: the followers stop (STOP), or are ended when they do not answer."""
+    """Rank 0, on its way out: the followers stop (STOP), or those it started are ended when they do not answer."""
     stopping.set()
     if all(w.is_alive() for w in workers):  # else the group is broken: a broadcast could wait for the dead
         try:

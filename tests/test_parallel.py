@@ -60,6 +60,15 @@ def test_the_qwen_demo_split_in_two(qwen):
     assert two.stdout == one.stdout and len(one.stdout) > 20
 
 
+def test_torchrun_starts_the_ranks_and_all_of_them_end_cleanly(models):
+    """Every rank runs the command, --tp read from the environment; the follower stops when rank 0 is done."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "infer.cli.main",
+                        "generate", str(models["llama"]), "--raw", "-p", PROMPT, "--max-tokens", "12",
+                        "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "infer: error" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout == generate(models["llama"], 1)
+
+
 def test_eval_split_in_two_scores_what_one_process_scores(models):
     """Both of eval's engines (dense, and sparse as a variant over the same model) replayed by the follower."""
     args = ["eval", str(models["llama"]), "--lengths", "200", "--depths", "0.5", "--nll-tokens", "300",
