@@ -45,9 +45,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, metavar="N",
                    help="tokens the KV cache holds (default: the model's context, lowered to what fits in memory)")
     p.add_argument("--eager", action="store_true", help="run decode steps eagerly instead of replaying CUDA graphs")
-    p.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallelism: split the model over N processes, one a GPU on CUDA (default 1; under "
-                        "torchrun, its world size)")
+    add_tp_flag(p)
     p.add_argument("--quantize", choices=("int8", "int4"),
                    help="quantize a float model's matrices as they load: int8 = Q8_0 blocks, int4 = Q4_0 blocks "
                         "(round to nearest, symmetric, one fp16 scale per 32 weights)")
@@ -62,6 +60,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="contexts up to this many tokens stay dense in auto mode (default 8192)")
     g.add_argument("--use-nope", action="store_true", default=None,
                    help="score the blocks with queries and keys before RoPE (default: the model's sparse_config)")
+
+
+def add_tp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: split the model over N processes, one a GPU on CUDA (default 1; under "
+                        "torchrun, its world size)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -114,14 +118,14 @@ def sparse_overrides(args) -> dict:
                 dense_len=args.dense_len, use_nope=args.use_nope)
 
 
-def load_engine(args, sparse: dict | None = None):
+def load_engine(args, sparse: dict | None = None, variants: list[dict] = ()):
     from infer.engine.generate import Engine
     from infer.weights.catalogue import resolve_model
 
     engine = Engine(resolve_model(args.model, args.revision), device=args.device, dtype=args.dtype,
                     max_context=args.max_context, sparse=sparse or sparse_overrides(args),
                     progress=sys.stderr.isatty(), cuda_graphs=not args.eager, quantize=args.quantize, tp=args.tp,
-                    **speculative_options(args))
+                    variants=variants, **speculative_options(args))
     if engine.context_note:
         print(f"infer: note: {engine.context_note} (--max-context sets it)", file=sys.stderr)
     return engine
@@ -193,28 +197,30 @@ def cmd_bench(args) -> None:
     from rich.table import Table
 
     from infer.engine.measure import bench
-    from infer.engine.config import sparse_config
     from infer.engine.device import parse_device, parse_dtype
 
     if args.attention or args.check:
         return cmd_bench_attention(args)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
+    path = None
     if args.model is not None:
         if args.quant is not None:
             raise InferError("--quant makes random weights at --shape; a model file runs in its own format")
         from infer.weights.catalogue import resolve_model
 
-        model = bench.file_model(resolve_model(args.model), device, dtype)
+        path = resolve_model(args.model)
         title = f"{args.model}"
     else:
-        model = bench.random_model(args.shape, device, dtype, args.quant)
         title = f"{args.shape} (random weights{', ' + args.quant if args.quant else ''})"
-    sparse = sparse_config(model.cfg.sparse, mode=args.sparse)
+    plan = bench.Plan(args.shape, args.quant, path, dtype, args.sparse, args.prompt_tokens, args.gen_tokens,
+                      args.depths, [1] + args.verify, not args.eager)
+    parallel = bench.bench_group(plan, device, args.tp)
+    if parallel is not None:
+        device, title = parallel.device, f"{title}, tensor-parallel over {parallel.size}"
+    model = plan.model(device, parallel)
     bandwidth = bench.copy_bandwidth(device)
-    rows = [bench.run_prefill(model, n, sparse, graphs=not args.eager) for n in args.prompt_tokens]
-    rows += [bench.run_decode(model, args.gen_tokens, d, sparse, not args.eager, width)
-             for width in [1] + args.verify for d in args.depths]
+    rows = plan.rows(model)
     if args.json:
         print(json.dumps([{**vars(r), "tok_per_s": r.tok_per_s} for r in rows]))
         return
@@ -245,6 +251,8 @@ def cmd_bench_attention(args) -> None:
 
     if not args.attention:
         raise InferError("--check goes with --attention")
+    if args.tp != 1:
+        raise ParameterError("tp", "splits a model's rows; bench --attention times one attention layer on one GPU")
     device = parse_device(args.device)
     if device.type != "cuda":
         raise InferError("bench --attention measures the CUDA kernels: it needs a CUDA GPU")
@@ -322,8 +330,6 @@ def cmd_eval(args) -> None:
         raise InferError(f"--suite {','.join(suites)}: choose from {', '.join(EVAL_SUITES)} (comma-separated)")
     if "ruler" not in suites and (args.tasks is not None or args.samples is not None):
         raise InferError("--tasks and --samples choose RULER's samples: add --suite ruler")
-    if args.tp != 1:
-        raise ParameterError("tp", "is for one engine a process; eval runs two (dense and sparse): leave it at 1")
     model_dir = resolve_model(args.model, args.revision)
     passkey_lengths = args.lengths if "passkey" in suites else []
     nll_tokens = (max(args.lengths, default=0) if args.nll_tokens is None else args.nll_tokens) if "nll" in suites else 0
@@ -332,8 +338,8 @@ def cmd_eval(args) -> None:
     if "ruler" in suites:
         tasks, samples = ruler.select_tasks(args.tasks), 20 if args.samples is None else args.samples
         ruler.check_request(model_dir, args.max_context, tasks, args.lengths, samples)
-    dense = load_engine(args, {"mode": "off"})
-    sparse = load_engine(args, {**sparse_overrides(args), "mode": args.sparse or "on"})
+    sparse = load_engine(args, {**sparse_overrides(args), "mode": args.sparse or "on"}, [{"mode": "off"}])
+    dense = sparse.variants[0]  # the same model, its own KV cache
     settings, dtype = dict(vars(sparse.sparse)), str(dense.model.dtype).removeprefix("torch.")
     say = Console(stderr=True, highlight=False, markup=False).print
 
@@ -515,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--verify", type=_int_list, default=[], metavar="WIDTHS",
                        help="also time verification passes of these many tokens (k drafts + 1), comma-separated: vN rows count passes")
     bench.add_argument("--eager", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
+    add_tp_flag(bench)
     bench.add_argument("--device")
     bench.add_argument("--dtype")
     bench.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -60,7 +60,7 @@ class GraphedDecode:
         num_tokens, start = tokens.shape[0], self.cache.length
         if self.model.parallel is not None:  # the followers of a tensor-parallel group run the same pass
             own = self.enabled and tokens.data_ptr() == self.tokens.data_ptr()  # greedy_next: theirs is the same
-            self.model.parallel.announce(DECODE, start, tokens, from_buffer=own)
+            self.model.parallel.announce(DECODE, self.cache, tokens, from_buffer=own)
         if not self.enabled or num_tokens > DECODE_MAX_QUERIES:
             self.record = SelectionRecord()
             return self.model(tokens, self.cache, num_logits=num_tokens, record=self.record)

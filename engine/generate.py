@@ -1,7 +1,6 @@
 """The one stepping loop every front end drives: prefill the new tokens, then sample, stream text and count."""
 
-import os
-import sys
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,12 +9,12 @@ from pathlib import Path
 import torch
 
 from .attention import latest_read
-from .config import sparse_config
+from .config import SparseConfig, sparse_config
 from .cuda_graph import GraphedDecode
 from .device import PendingInt, parse_device, parse_dtype, synchronize
 from .errors import ContextOverflow, InferError
 from .memory import fit_context, model_memory
-from .parallel import Parallel, check_split, follow, follower_setup, join, share_int, start, torchrun_rank
+from .parallel import Parallel, check_split, follow, launch, share_int, world_size
 from .sampling import Sampler, SamplingParams
 from .speculative import MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, check_same_vocabulary, verify
 from .tokenizer import StreamDecoder
@@ -83,8 +82,11 @@ class Engine:
     def __init__(self, model_dir: Path, device: str | None = None, dtype: str | None = None,
                  max_context: int | None = None, sparse: dict | None = None, progress: bool = True,
                  draft: Path | None = None, lookup: bool | None = None, fr_spec: int | None = None,
-                 max_draft: int = MAX_DRAFT, cuda_graphs: bool = True, quantize: str | None = None, tp: int = 1):
+                 max_draft: int = MAX_DRAFT, cuda_graphs: bool = True, quantize: str | None = None, tp: int = 1,
+                 variants: list[dict] = ()):
         """sparse: overrides of the model's sparse_config (mode, topk, block_size, window_size, dense_len, ...).
+        variants: more sparse overrides, each for an Engine of its own over the same model with a KV cache of its
+        own (self.variants; `infer eval` compares dense attention with sparse so, the weights loaded once).
         draft, lookup, fr_spec, max_draft: speculative decoding, see speculative.SpeculativeConfig.
         cuda_graphs: replay decode steps from CUDA graphs (on CUDA; False runs them eagerly).
         quantize: "int8" or "int4": a float checkpoint's matrices quantized as they load (weights.QUANTIZE).
@@ -102,12 +104,13 @@ class Engine:
         self.sparse = sparse_config(cfg.sparse, **(sparse or {}))  # None: dense attention only
         self.defaults = checkpoint.generation_defaults()
         self.tokenizer = checkpoint.tokenizer()
-        launched = torchrun_rank()
-        tp = launched[1] if launched else tp
+        others = [sparse_config(cfg.sparse, **v) for v in variants]
+        tp = world_size(tp)
         check_split(tp, cfg)
         packed = self.device.type == "cuda"  # quantized weights stay in their blocks (engine/linear.py)
         needs = [model_memory(cfg, checkpoint.weight_bytes(cfg, dtype, packed, quantize) // tp, dtype, PREFILL_CHUNK,
                               self.sparse, tp)]
+        needs += [model_memory(cfg, 0, dtype, 0, other, tp) for other in others]  # the variants' caches
         drafter = None
         if draft is not None:
             drafter = Checkpoint(draft)
@@ -117,14 +120,9 @@ class Engine:
                                       None))
         self.model_context = cfg.max_position_embeddings
         self.max_len, self.context_note = fit_context(needs, self.device, max_context, self.model_context)
-        self.parallel = None
-        if launched and launched[0] != 0:
-            follower(join(launched[0], tp, self.device, "env://"), model_dir, dtype, sparse, cuda_graphs, quantize)
-            sys.exit(0)
-        if tp > 1:
-            follow_args = (model_dir, dtype, sparse, cuda_graphs, quantize)
-            self.parallel = (join(0, tp, self.device, "env://") if launched else
-                             start(tp, self.device, _start_follower, follow_args))
+        self.parallel = launch(tp, self.device, follower, (model_dir, dtype, [sparse, *variants], cuda_graphs,
+                                                           quantize))
+        if self.parallel is not None:
             share_int(self.parallel, self.max_len)
             self.device = self.parallel.device
         self.model = load_model(checkpoint, cfg, self.device, dtype, progress=progress, quantize=quantize,
@@ -141,6 +139,16 @@ class Engine:
             draft_model = DraftModel(drafter, draft_cfg, cfg.vocab_size, self.device, dtype, self.max_len,
                                      PREFILL_CHUNK, progress, cuda_graphs) if drafter is not None else None
             self.speculator = Speculator(speculative, draft_model, self.eos_ids)
+        self.variants = [self._variant(other, cuda_graphs) for other in others]
+        if self.parallel is not None:
+            self.parallel.caches = [self.cache] + [v.cache for v in self.variants]
+
+    def _variant(self, sparse: SparseConfig | None, cuda_graphs: bool) -> "Engine":
+        """This engine's model and tokenizer with a KV cache of its own under other sparse settings."""
+        other = copy.copy(self)
+        other.sparse, other.cache = sparse, self.model.new_cache(self.max_len, sparse)
+        other.decode, other.tokens, other.stats = GraphedDecode(self.model, other.cache, cuda_graphs), [], Stats()
+        return other
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """The model's generation_config defaults, overridden by the given non-None values."""
@@ -278,28 +286,17 @@ class Engine:
         return drafts[:accepted] + [following]
 
 
-def _start_follower(rank: int, size: int, device: torch.device, address: str, *args) -> None:
-    """A follower process that rank 0 started (engine/parallel.start): a failure is one line, and the exit code
-    tells rank 0's watchdog."""
-    follower_setup()
-    try:
-        follower(join(rank, size, device, address), *args)
-    except Exception as e:
-        print(f"infer: error: tensor-parallel rank {rank}: {type(e).__name__}: {str(e).strip().splitlines()[0]}",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-
-
-def follower(parallel: Parallel, model_dir: Path, dtype: torch.dtype, sparse: dict | None, cuda_graphs: bool,
+def follower(parallel: Parallel, model_dir: Path, dtype: torch.dtype, sparse: list[dict | None], cuda_graphs: bool,
              quantize: str | None) -> None:
-    """A tensor-parallel rank other than 0: load this rank's slice of the model, its cache (the length rank 0
-    decided) and decode graphs, then run the passes rank 0 announces (parallel.follow)."""
+    """A tensor-parallel rank other than 0: load this rank's slice of the model, a cache (the length rank 0 decided)
+    and decode graphs for each of rank 0's sparse settings (the engine's, then its variants'), then run the passes
+    rank 0 announces (parallel.follow)."""
     checkpoint = Checkpoint(model_dir)
     cfg = checkpoint.config()
     max_len = share_int(parallel)
     model = load_model(checkpoint, cfg, parallel.device, dtype, progress=False, quantize=quantize, parallel=parallel)
-    cache = model.new_cache(max_len, sparse_config(cfg.sparse, **(sparse or {})))
-    follow(parallel, model, cache, GraphedDecode(model, cache, cuda_graphs))
+    caches = [model.new_cache(max_len, sparse_config(cfg.sparse, **(s or {}))) for s in sparse]
+    follow(parallel, model, [(cache, GraphedDecode(model, cache, cuda_graphs)) for cache in caches])
 
 
 def _visible_end(text: str, stops: list[str]) -> tuple[int, bool]:

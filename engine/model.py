@@ -148,7 +148,7 @@ class Transformer(nn.Module):
         """forward, announced first to the followers of a tensor-parallel group (the passes the engine runs outside
         its CUDA graphs: prompt chunks, scoring)."""
         if self.parallel is not None:
-            self.parallel.announce(FORWARD, cache.length, tokens, num_logits)
+            self.parallel.announce(FORWARD, cache, tokens, num_logits)
         return self(tokens, cache, num_logits=num_logits, record=record)
 
     @torch.inference_mode()

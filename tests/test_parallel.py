@@ -1,6 +1,8 @@
 """Tensor parallelism on the CPU (gloo): `--tp N` generates what one process generates, for the Qwen demo and for
-random models of each architecture (sparse on and off, lookup on); a rank that dies takes the group down fast."""
+random models of each architecture (sparse on and off, lookup on), and evaluates what it evaluates; `infer bench`
+times a split model; a rank that dies takes the group down fast."""
 
+import json
 import os
 import signal
 import subprocess
@@ -58,8 +60,43 @@ def test_the_qwen_demo_split_in_two(qwen):
     assert two.stdout == one.stdout and len(one.stdout) > 20
 
 
+def test_torchrun_starts_the_ranks_and_all_of_them_end_cleanly(models):
+    """Every rank runs the command, --tp read from the environment; the follower stops when rank 0 is done."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "infer.cli.main",
+                        "generate", str(models["llama"]), "--raw", "-p", PROMPT, "--max-tokens", "12",
+                        "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "infer: error" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout == generate(models["llama"], 1)
+
+
+def test_eval_split_in_two_scores_what_one_process_scores(models):
+    """Both of eval's engines (dense, and sparse as a variant over the same model) replayed by the follower."""
+    args = ["eval", str(models["llama"]), "--lengths", "200", "--depths", "0.5", "--nll-tokens", "300",
+            "--dense-len", "64", "--sparse", "auto", "--sparse-topk", "2", "--block-size", "16", "--window", "16",
+            "--answer-tokens", "4", "--json"]
+    one, two = (infer(*args, "--tp", tp) for tp in ("1", "2"))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    one, two = json.loads(one.stdout), json.loads(two.stdout)
+    assert two["passkey"] == one["passkey"] and one["passkey"][0]["sparse_attention"] == "sparse"
+    for key in ("dense_all", "sparse_all", "dense_long", "sparse_long", "dense_causal", "sparse_causal"):
+        assert two["nll"][key] == pytest.approx(one["nll"][key], rel=1e-5), key
+    assert one["nll"]["diff_long"] != 0  # the sparse engine really is another one than the dense
+
+
+def test_bench_split_in_two_prints_the_table(models):
+    """Each rank builds its slice and times the same rows (a rank missing from a pass would hang it); rank 0 prints."""
+    r = infer("bench", str(models["llama"]), "--device", "cpu", "-p", "16", "-n", "2", "-d", "0,20", "--verify", "3",
+              "--sparse", "on", "--tp", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tensor-parallel over 2" in r.stdout
+    rows = [line.split("│")[1:3] for line in r.stdout.splitlines() if line.startswith("│")]
+    assert [(test.strip(), depth.strip()) for test, depth in rows] == [
+        ("pp16", "0"), ("tg2", "0"), ("tg2", "20"), ("v3", "0"), ("v3", "20")]
+
+
 @pytest.mark.parametrize("command", [["generate", "-p", "hi", "--tp", "3"],  # 4 KV heads
-                                     ["eval", "--tp", "2"]])  # two engines in one process
+                                     ["bench", "--tp", "3"],
+                                     ["bench", "--attention", "--tp", "2"]])  # one attention layer, one GPU
 def test_a_split_the_engine_cannot_take_is_a_one_line_error(models, command):
     r = infer(command[0], str(models["llama"]), *command[1:])
     errors = [line for line in r.stderr.splitlines() if line.startswith("infer: error:")]

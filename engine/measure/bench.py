@@ -1,11 +1,13 @@
 """Throughput measurement for `infer bench`: random weights at named real shapes, prefill (pp) and decode (tg) rows;
-with --attention, one attention layer: torch SDPA vs our block-sparse kernels (and FlexAttention)."""
+with --attention, one attention layer: torch SDPA vs our block-sparse kernels (and FlexAttention). Under tensor
+parallelism every rank builds its slice of the model and times the same rows (engine/parallel.py, unannounced)."""
 
 import functools
 import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +17,14 @@ from infer.kernels import pool_keys, sparse_attention
 from infer.kernels import quant as quant_blocks
 
 from ..attention import uses_sparse
-from ..config import ModelConfig, SparseConfig
+from ..config import ModelConfig, SparseConfig, sparse_config
 from ..cuda_graph import GraphedDecode
 from ..device import synchronize
 from ..errors import InferError
 from ..generate import PREFILL_CHUNK
 from ..kv_cache import KVCache, Positions
 from ..model import Transformer, prefill
+from ..parallel import Parallel, check_split, launch, world_size
 from ..weights import Checkpoint, load_model
 from .compare import rel_err
 from .layer import attention_inputs, new_summaries, select_all, selection_mask, sparse_decode_step, sparse_prefill
@@ -85,29 +88,34 @@ _KINDS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "mlp.down_proj": "ffn_down"}
 
 
-def random_model(name: str, device: torch.device, dtype: torch.dtype, quant: str | None = None) -> Transformer:
-    """A model of the named shape with random weights in dtype, or with its matrices in the GGML types of a
-    QUANT_RECIPES recipe (random valid blocks: the cost is the real one; on the CPU they are dequantized as a GGUF's
-    are, engine/linear.py)."""
+def shape_config(name: str) -> ModelConfig:
     if name not in NAMED_SHAPES:
         raise InferError(f"unknown shape {name!r}; known: {', '.join(NAMED_SHAPES)}")
+    return ModelConfig.from_dict(NAMED_SHAPES[name])
+
+
+def random_model(name: str, device: torch.device, dtype: torch.dtype, quant: str | None = None,
+                 parallel: Parallel | None = None) -> Transformer:
+    """A model of the named shape with random weights in dtype, or with its matrices in the GGML types of a
+    QUANT_RECIPES recipe (random valid blocks: the cost is the real one; on the CPU they are dequantized as a GGUF's
+    are, engine/linear.py); this tensor-parallel rank's slice of it with `parallel`."""
+    cfg = shape_config(name)
     if quant is not None and quant not in QUANT_RECIPES:
         raise InferError(f"unknown --quant {quant!r}; known: {', '.join(QUANT_RECIPES)}")
-    cfg = ModelConfig.from_dict(NAMED_SHAPES[name])
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = Transformer(cfg)  # every weight made below, on the device in its format: no float32 copy
+        model = Transformer(cfg, parallel)  # every weight made below, on the device in its format: no float32 copy
     quantized = {}  # module name -> GGML type
     if quant is not None:
         kinds = {f"layers.{i}.{part}": (kind, i) for i in range(cfg.num_layers) for part, kind in _KINDS.items()}
         kinds.update({"embed_tokens": ("token_embd", 0), "lm_head": ("output", 0)})
         if cfg.tie_word_embeddings:
             del kinds["lm_head"]
-        quantized = {module: QUANT_RECIPES[quant](kind, i, cfg.num_layers, model.get_submodule(module).weight.shape[1])
+        quantized = {module: QUANT_RECIPES[quant](kind, i, cfg.num_layers, model.get_submodule(module).full_shape[1])
                      for module, (kind, i) in kinds.items()}
     for module_name, type_name in quantized.items():
         module = model.get_submodule(module_name)
-        rows, cols = module.weight.shape
+        rows, cols = module.full_shape  # the whole matrix's blocks, of which load keeps this rank's slice
         module.load(quant_blocks.random_blocks(type_name, rows, cols, device), quant_blocks.quant_type(type_name),
                     device, dtype, packed=device.type == "cuda")
     for name, p in list(model.named_parameters()):  # the rest: norms 1, matrices N(0, 0.02)
@@ -121,10 +129,50 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype, quant: str
     return model
 
 
-def file_model(path, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """The model of a checkpoint (a folder or a GGUF file), loaded as the engine loads it."""
+def file_model(path, device: torch.device, dtype: torch.dtype, parallel: Parallel | None = None) -> Transformer:
+    """The model of a checkpoint (a folder or a GGUF file), loaded as the engine loads it (this rank's slice with
+    `parallel`)."""
     checkpoint = Checkpoint(path)
-    return load_model(checkpoint, checkpoint.config(), device, dtype, progress=False)
+    return load_model(checkpoint, checkpoint.config(), device, dtype, progress=False, parallel=parallel)
+
+
+@dataclass
+class Plan:
+    """What `infer bench` times: a model (random weights at a named shape, or a checkpoint) and its rows."""
+
+    shape: str
+    quant: str | None  # --quant of the random weights
+    path: Path | None  # a checkpoint instead of the shape
+    dtype: torch.dtype
+    sparse: str  # the sparse mode
+    prompt_tokens: list[int]  # a ppN row each
+    gen_tokens: int
+    depths: list[int]
+    widths: list[int]  # 1 (tg rows), then the verification widths (vN rows)
+    graphs: bool
+
+    def model(self, device: torch.device, parallel: Parallel | None = None) -> Transformer:
+        if self.path is not None:
+            return file_model(self.path, device, self.dtype, parallel)
+        return random_model(self.shape, device, self.dtype, self.quant, parallel)
+
+    def rows(self, model: Transformer) -> list[BenchRow]:
+        sparse = sparse_config(model.cfg.sparse, mode=self.sparse)
+        rows = [run_prefill(model, n, sparse, graphs=self.graphs) for n in self.prompt_tokens]
+        return rows + [run_decode(model, self.gen_tokens, d, sparse, self.graphs, width)
+                       for width in self.widths for d in self.depths]
+
+
+def bench_group(plan: Plan, device: torch.device, tp: int) -> Parallel | None:
+    """The tensor-parallel group of `tp` ranks (world_size) that times the plan, this process its rank 0 (None for
+    one rank): every other rank builds its slice and times the same rows, in step with rank 0."""
+    size = world_size(tp)
+    check_split(size, Checkpoint(plan.path).config() if plan.path is not None else shape_config(plan.shape))
+    return launch(size, device, _time_slice, (plan,), announced=False)
+
+
+def _time_slice(parallel: Parallel, plan: Plan) -> None:
+    plan.rows(plan.model(parallel.device, parallel))
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -17,7 +17,8 @@ Sparse prefill shares one block selection per tile of block_size queries, chosen
 behind a prediction may depend on up to block_size - 1 later tokens, the predicted one among them: the mean over
 the last query of each tile (the strictly causal predictions) is reported beside the mean over all.
 
-Each attention mode runs on its own Engine: dense with sparse mode "off", sparse with the settings under test.
+Each attention mode runs on its own Engine: dense with sparse mode "off", sparse with the settings under test
+(`infer eval` makes the dense one a variant of the sparse one: the same model, a KV cache of its own).
 """
 
 import hashlib
