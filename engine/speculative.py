@@ -170,7 +170,9 @@ class NgramLookup:
         return [], None
 
     def ready(self, context: list[int]) -> bool:
-        return bool(self.draft(context, 1)[0])
+        """Whether drafting after `context` looks worth a pass: a match now, and the match before the last token
+        foretold it (the answer is copying)."""
+        return self.draft(context[:-1], 1)[0] == context[-1:] and bool(self.draft(context, 1)[0])
 
 
 def frequent_ids(document: list[int], n: int, vocab: int, keep: set[int]) -> torch.Tensor:

@@ -22,7 +22,8 @@ from infer.engine.speculative import WIDTHS, NgramLookup, PassCost, accept_greed
 from infer.kernels import pool_keys
 
 SPARSE = {"mode": "on", "topk": 4, "window_size": 64, "block_size": 16}
-PROMPTS = ["Write a short story about a robot who learns to paint.", "List five fruits and describe each in one sentence."]
+PROMPTS = ["Write a short story about a robot who learns to paint.",
+           "Repeat after me, word for word: the cat sat on the mat, the cat sat on the mat, the cat sat on the mat."]
 MAX_CONTEXT = 512  # keeps the KV caches of the many engines below small
 
 
@@ -65,19 +66,22 @@ def test_greedy_output_equals_plain_greedy_for_every_drafter(smollm2, drafter, s
     speculative = {"lookup": engine(lookup=True), "draft": engine(lookup=False, draft=drafter),
                    "lookup+draft": engine(lookup=True, draft=drafter, fr_spec=4096, max_draft=3)}  # FR-Spec head
     params = SamplingParams(max_tokens=40)
+    drafted = dict.fromkeys(speculative, 0)
     for prompt in PROMPTS:
         tokens = plain.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         expected = "".join(plain.generate(tokens, params))
         for name, e in speculative.items():
             assert "".join(e.generate(tokens, params)) == expected, (name, prompt)
             assert e.tokens == plain.tokens and e.stats.stop_reason == plain.stats.stop_reason, name
-            assert e.stats.drafted_tokens > 0 and e.stats.speculative == name, name
+            assert e.stats.speculative == name, name
+            drafted[name] += e.stats.drafted_tokens
             assert_caches_hold(e.model, e.cache, e.tokens)
             if e.speculator.model is not None:
                 d = e.speculator.model
                 d.restrict(None)  # the full head: the cache does not depend on it
                 assert_caches_hold(d.model, d.cache, d.tokens)
             print(f"{'sparse' if sparse else 'dense'} {name}: {e.stats.line().split(' | ', 4)[-1]}")
+    assert all(drafted.values()), drafted
 
 
 def test_turns_prefix_reuse_and_interruption_keep_the_cache_equal_to_the_tokens(smollm2, drafter):
@@ -217,7 +221,8 @@ def test_lookup_indexes_the_prompt_while_it_prefills(smollm2, monkeypatch):
 
 
 class Oracle(NgramLookup):
-    """A drafter that knows the answer: every draft is right (or, wrong=True, every draft is wrong)."""
+    """A drafter that knows the answer: every draft is right (or, wrong=True, every draft is wrong), found out only
+    by verifying it."""
 
     def __init__(self, answer: list[int], wrong: bool = False):
         super().__init__()
@@ -227,6 +232,9 @@ class Oracle(NgramLookup):
         n = len(context)
         right = self.answer[n:n + k] if self.answer[:n] == context else []
         return ([t + 1 for t in right] if self.wrong else right), None
+
+    def ready(self, context):  # as a draft model: whether its drafts are right is known once they are verified
+        return bool(self.draft(context, 1)[0])
 
 
 @pytest.mark.parametrize("sparse", [None, SPARSE], ids=["dense", "sparse"])
@@ -238,7 +246,7 @@ def test_adaptive_speculation(smollm2, sparse, monkeypatch):
 
     plain, e = engine(lookup=False), engine(lookup=True)
     params = SamplingParams(max_tokens=48)
-    tokens = plain.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[1]}])
+    tokens = plain.tokenizer.encode_chat([{"role": "user", "content": "List five fruits and describe each in one sentence."}])
     expected = "".join(plain.generate(tokens, params))
     assert plain.stats.generated_tokens == 48
     for wrong in (True, False):
