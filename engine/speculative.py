@@ -8,8 +8,9 @@ CUDA graph is captured once and replayed); `verify` keeps the prefix it agrees w
 past it (key summaries are a pure function of the keys, so truncation is the whole rollback).
 
 Speculation is adaptive: a drafter drafts only as many tokens as pay for the wider pass (`plan`: the expected
-accepted length under its recent acceptance against PassCost, the relative cost of each width), and a drafter that
-finds nothing or is rejected backs off: the engine runs plain steps and the drafter probes again later.
+accepted length under its recent acceptance against PassCost, the relative cost of each width). While no drafter
+has a draft that pays, the engine runs plain steps; a drafter whose drafts stopped paying backs off and probes
+again later.
 
 A verification pass gives the logits one-token steps would give, up to float rounding: under sparse attention each
 of its k+1 queries selects its own blocks, as it would decoded alone (attention.attend), so greedy output equals
@@ -107,7 +108,8 @@ def pass_width(tokens: int) -> int:
 @dataclass
 class Acceptance:
     """One drafter's record: its estimated acceptance rate (the chance that a draft token is accepted when those
-    before it were, an exponential average) and its backoff after failures (drafting nothing, nothing accepted)."""
+    before it were, an exponential average) and its backoff after failures (drafting nothing or too little to pay,
+    a probe rejected)."""
 
     rate: float = PRIOR_RATE
     wait: int = 0  # plain steps before the drafter may draft again
@@ -119,10 +121,9 @@ class Acceptance:
             self.rate = RATE_DECAY * self.rate + (1 - RATE_DECAY)
         if accepted < drafted:
             self.rate *= RATE_DECAY
-        self.probing = False
         if accepted:
-            self.backoff = 1
-        else:
+            self.backoff, self.probing = 1, False
+        elif self.probing:
             self.fail()
 
     def fail(self) -> None:
@@ -170,9 +171,8 @@ class NgramLookup:
         return [], None
 
     def ready(self, context: list[int]) -> bool:
-        """Whether drafting after `context` looks worth a pass: a match now, and the match before the last token
-        foretold it (the answer is copying)."""
-        return self.draft(context[:-1], 1)[0] == context[-1:] and bool(self.draft(context, 1)[0])
+        """Whether it has a draft to follow `context`."""
+        return bool(self.draft(context, 1)[0])
 
 
 def frequent_ids(document: list[int], n: int, vocab: int, keep: set[int]) -> torch.Tensor:
@@ -328,6 +328,8 @@ class Speculator:
             if name == "lookup":  # free: see what it has, then keep what pays
                 drafts, q = drafter.draft(context, k, sampler)
                 k = len(drafts)
+                if not k:  # nothing to draft here: plain steps, no backoff (a miss costs no pass)
+                    continue
             k = max(plan(record.rate, k, self.cost, draft_cost), min(k, int(record.probing)))
             if k == 0:
                 record.fail()
