@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import termios
-from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -259,10 +258,7 @@ class Chat:
         self.stats_line = stats.line()
         self.err.print(self.stats_line, style="dim", soft_wrap=True)
         if self.stats_file:
-            record = {**asdict(stats), "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,
-                      "acceptance_rate": stats.acceptance_rate, "tokens_per_step": stats.tokens_per_step,
-                      "draft_share": stats.draft_share}
-            self.stats_file.write(json.dumps(record) + "\n")
+            self.stats_file.write(json.dumps(stats.record()) + "\n")
             self.stats_file.flush()
         return stats.stop_reason
 

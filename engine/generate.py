@@ -3,7 +3,7 @@
 import copy
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +16,8 @@ from .errors import ContextOverflow, InferError
 from .memory import fit_context, model_memory
 from .parallel import Parallel, check_split, follow, launch, share_int, world_size
 from .sampling import Sampler, SamplingParams
-from .speculative import MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, check_same_vocabulary, verify
+from .speculative import (MAX_DRAFT, DraftModel, SpeculativeConfig, Speculator, accept_greedy, check_same_vocabulary,
+                          pass_width, verify)
 from .tokenizer import StreamDecoder
 from .model import prefill, reusable_prefix
 from .weights import Checkpoint, load_model
@@ -36,10 +37,13 @@ class Stats:
     attention: str = "dense"  # the attention path of the last decoded token: "dense" or "sparse"
     kv_read: float = 1.0  # fraction of the cached keys and values the last decoded token attended
     speculative: str = ""  # the drafters on in this turn ("lookup", "draft", "lookup+draft"); "" when off
-    target_steps: int = 0  # target forward passes after the first token, each verifying 0..k drafts
+    target_steps: int = 0  # target forward passes after the first token: plain steps and verification passes
+    verify_steps: int = 0  # the passes that verified drafts
     drafted_tokens: int = 0
     accepted_tokens: int = 0  # drafts the target accepted
     draft_seconds: float = 0.0  # time spent drafting, part of decode_seconds
+    verify_seconds: float = 0.0  # time in verification passes, from queueing one to reading its result
+    wait_seconds: float = 0.0  # time the host waited for the device's results (the rest of decode is host work)
 
     @property
     def prefill_tps(self) -> float:
@@ -58,14 +62,24 @@ class Stats:
         """Tokens each target forward pass produced: the accepted drafts plus the target's own token."""
         return (self.accepted_tokens + self.target_steps) / self.target_steps if self.target_steps else 0.0
 
-    @property
-    def draft_share(self) -> float:
-        return self.draft_seconds / self.decode_seconds if self.decode_seconds else 0.0
+    def share(self, seconds: float) -> float:
+        """seconds as a share of decode_seconds."""
+        return min(1.0, seconds / self.decode_seconds) if self.decode_seconds else 0.0
+
+    def record(self) -> dict:
+        """The fields and the derived rates, for --stats-json."""
+        return {**asdict(self), "prefill_tps": self.prefill_tps, "decode_tps": self.decode_tps,
+                "acceptance_rate": self.acceptance_rate, "tokens_per_step": self.tokens_per_step,
+                "draft_share": self.share(self.draft_seconds), "verify_share": self.share(self.verify_seconds),
+                "host_share": 1.0 - self.share(self.wait_seconds)}
 
     def line(self) -> str:
         speculative = (
             f" | speculative ({self.speculative}): {100 * self.acceptance_rate:.0f}% of {self.drafted_tokens} drafted "
-            f"accepted, {self.tokens_per_step:.2f} tok/step, {100 * self.draft_share:.0f}% of decode drafting"
+            f"accepted, {self.tokens_per_step:.2f} tok/step, {self.verify_steps} of {self.target_steps} steps "
+            f"verified; of decode {100 * self.share(self.draft_seconds):.0f}% drafting, "
+            f"{100 * self.share(self.verify_seconds):.0f}% verifying, {100 - 100 * self.share(self.wait_seconds):.0f}% "
+            f"on the host"
         ) if self.speculative else ""
         return (
             f"prompt {self.prompt_tokens} tok ({self.reused_tokens} reused) at {self.prefill_tps:.1f} tok/s | "
@@ -108,16 +122,16 @@ class Engine:
         tp = world_size(tp)
         check_split(tp, cfg)
         packed = self.device.type == "cuda"  # quantized weights stay in their blocks (engine/linear.py)
-        needs = [model_memory(cfg, checkpoint.weight_bytes(cfg, dtype, packed, quantize) // tp, dtype, PREFILL_CHUNK,
-                              self.sparse, tp)]
+        weight_bytes = checkpoint.weight_bytes(cfg, dtype, packed, quantize) // tp
+        needs = [model_memory(cfg, weight_bytes, dtype, PREFILL_CHUNK, self.sparse, tp)]
         needs += [model_memory(cfg, 0, dtype, 0, other, tp) for other in others]  # the variants' caches
         drafter = None
         if draft is not None:
             drafter = Checkpoint(draft)
             check_same_vocabulary(drafter.tokenizer(), self.tokenizer, drafter.path.name)
             draft_cfg = drafter.config()
-            needs.append(model_memory(draft_cfg, drafter.weight_bytes(draft_cfg, dtype, packed), dtype, PREFILL_CHUNK,
-                                      None))
+            draft_bytes = drafter.weight_bytes(draft_cfg, dtype, packed)
+            needs.append(model_memory(draft_cfg, draft_bytes, dtype, PREFILL_CHUNK, None))
         self.model_context = cfg.max_position_embeddings
         self.max_len, self.context_note = fit_context(needs, self.device, max_context, self.model_context)
         self.parallel = launch(tp, self.device, follower, (model_dir, dtype, [sparse, *variants], cuda_graphs,
@@ -138,7 +152,9 @@ class Engine:
         if speculative.enabled:
             draft_model = DraftModel(drafter, draft_cfg, cfg.vocab_size, self.device, dtype, self.max_len,
                                      PREFILL_CHUNK, progress, cuda_graphs) if drafter is not None else None
-            self.speculator = Speculator(speculative, draft_model, self.eos_ids)
+            # a draft token costs what reading its weights does, against a target step (PassCost's fixed model)
+            draft_cost = draft_bytes / weight_bytes if drafter is not None else 0.0
+            self.speculator = Speculator(speculative, draft_model, self.eos_ids, draft_cost)
         self.variants = [self._variant(other, cuda_graphs) for other in others]
         if self.parallel is not None:
             self.parallel.caches = [self.cache] + [v.cache for v in self.variants]
@@ -174,19 +190,27 @@ class Engine:
     def generate(self, tokens: list[int], params: SamplingParams, on_progress=None) -> Iterator[str]:
         """Stream the text of the answer to `tokens` (the whole conversation so far); self.stats tracks the turn."""
         start = time.perf_counter()
-        logits = self.prefill(tokens, on_progress)
+        drafters = self.speculator.begin(tokens) if self.speculator is not None else ""
+
+        def progress(done: int, total: int) -> None:  # a prompt chunk is queued: index it while the device runs it
+            if drafters:
+                self.speculator.index(tokens, len(tokens) - total + done)
+            if on_progress:
+                on_progress(done, total)
+
+        logits = self.prefill(tokens, progress)
         synchronize(self.device)
         self.stats.prefill_seconds = time.perf_counter() - start
         sampler = Sampler(params, self.device)
         decoder = StreamDecoder(self.tokenizer)
         text, emitted = "", 0  # the answer so far; how much of it has been yielded
-        history = torch.tensor(tokens, dtype=torch.long, device=self.device)
         stats = self.stats
         stats.stop_reason = "max tokens"
-        if self.speculator is not None:
-            stats.speculative = self.speculator.begin(tokens)
-        first = sampler.sample(logits, history)  # [1]
-        answer = (self._speculate if stats.speculative else self._decode_ahead)(first, sampler, history)
+        stats.speculative = drafters
+        first = sampler.sample(logits, torch.tensor(tokens, dtype=torch.long, device=self.device))  # [1]
+        if drafters:
+            self.speculator.calibrate(self.decode)
+        answer = self._answer(first, sampler)
         done = len(tokens)  # the prompt and the answer tokens the answer went on past: what the cache keeps
         try:
             for token in answer:
@@ -226,64 +250,105 @@ class Engine:
             self.cache.truncate(len(self.tokens))
             self.stats.attention, self.stats.kv_read = latest_read(self.cache, len(self.tokens), self.decode.record)
 
-    def _decode_ahead(self, first: torch.Tensor, sampler: Sampler, history: torch.Tensor) -> Iterator[int]:
-        """The answer's tokens from `first` (a device tensor [1]) on, one forward pass each, with the device one
+    def _answer(self, first: torch.Tensor, sampler: Sampler) -> Iterator[int]:
+        """The answer's tokens from `first` (a device tensor [1]) on: plain steps until a drafter would draft, then
+        speculative steps until drafting stops paying, and so on."""
+        token = first
+        while token is not None:
+            token = yield from self._decode_ahead(token, sampler)
+            if token is not None:
+                token = yield from self._speculate(int(token), sampler)
+
+    def _history(self, sampler: Sampler) -> torch.Tensor | None:
+        """The ids the repetition penalty sees before the next fed token: the cached ones (None: no penalty)."""
+        if sampler.params.repetition_penalty == 1.0:
+            return None
+        return torch.tensor(self.tokens, dtype=torch.long, device=self.device)
+
+    def _decode_ahead(self, token: torch.Tensor, sampler: Sampler) -> Iterator[int]:
+        """Plain steps: the tokens from `token` (a device tensor [1]) on, one forward pass each, with the device one
         pass ahead of the caller: the pass feeding a token, and the sampling of the token after it, are queued
         before the token is read back and yielded, so the host's text work overlaps the device's next pass. A fed
-        token is in self.tokens; when the caller stops, the pass queued ahead is rolled back with it."""
-        penalty = sampler.params.repetition_penalty != 1.0
-        on_device = self.decode.enabled and sampler.params.greedy and not penalty  # the graph's argmax is the token
-        token = first
+        token is in self.tokens; when the caller stops, the pass queued ahead is rolled back with it. Returns the
+        next token (a device tensor [1], not fed) once a drafter would draft after the cached ones, None at the
+        end of the context."""
+        history = self._history(sampler)
+        on_device = self.decode.enabled and sampler.params.greedy and history is None  # the graph's argmax is the token
         while True:
             value = PendingInt(token)
             fed = len(self.tokens) + 1 < self.max_len  # else the caller stops at this token: context full
             if fed:
                 logits = self.decode(token)  # [1, V]
-                if penalty:
+                self.stats.target_steps += 1
+                if history is not None:
                     history = torch.cat([history, token])
                 token = self.decode.greedy_next if on_device else sampler.sample(logits[0], history)
+            waited = time.perf_counter()
             value = value.get()
+            self.stats.wait_seconds += time.perf_counter() - waited
             if fed:
                 self.tokens.append(value)
             yield value
             if not fed:
-                return
+                return None
+            if self.stats.speculative and self.speculator.ready(self.tokens):
+                return token
 
-    def _speculate(self, first: torch.Tensor, sampler: Sampler, history: torch.Tensor) -> Iterator[int]:
-        """The answer's tokens from `first` on, each target pass feeding a token also verifying the drafts proposed
-        after it. A token is yielded as soon as it is decided, before the pass that feeds it (so the clock of the
-        first token and of decoding starts when the answer does, not after the first drafting)."""
-        penalty = sampler.params.repetition_penalty != 1.0
-        queue = [int(first)]  # the next tokens, decided; all but the last are already cached
-        while queue:
-            token = queue.pop(0)
-            yield token  # the caller may stop here: the last token of the queue is then never fed
-            if penalty:
+    def _speculate(self, token: int, sampler: Sampler) -> Iterator[int]:
+        """Speculative steps from `token` (decided, not fed) on: each target pass feeds a token and verifies the
+        drafts proposed after it. A token is yielded once its drafts are proposed, before the pass that feeds it.
+        Returns the next token (a device tensor [1], not fed) once no drafter drafts, None at the end of the
+        context."""
+        history = self._history(sampler)
+        while True:
+            room = self.max_len - 2 - len(self.tokens)
+            drafts, q = [], None
+            if room >= 0:  # else the caller stops at this token: context full
+                began = time.perf_counter()
+                drafts, q = self.speculator.propose(self.tokens + [token], room, sampler)
+                self.stats.draft_seconds += time.perf_counter() - began
+                if not drafts:
+                    return torch.tensor([token], device=self.device)
+            yield token
+            if room < 0:
+                return None
+            if history is not None:
                 history = torch.cat([history, torch.tensor([token], device=self.device)])
-            if not queue:
-                if len(self.tokens) + 1 >= self.max_len:  # the caller stopped at it: context full
-                    return
-                queue = self._advance(token, sampler, history)
+            accepted, token = self._verify(token, drafts, q, sampler, history)
+            for t in drafts[:accepted]:
+                yield t
+            if history is not None:
+                history = torch.cat([history, torch.tensor(drafts[:accepted], dtype=torch.long, device=self.device)])
 
-    def _advance(self, token: int, sampler: Sampler, history: torch.Tensor) -> list[int]:
-        """Feed `token` with any drafts to follow it in one forward pass; return the drafts the target accepted
-        (now cached after `token`) and the token after them (not cached yet)."""
-        drafts, q = [], None
-        if self.stats.speculative:  # drafters on in this turn
-            start = time.perf_counter()
-            drafts, q = self.speculator.propose(self.tokens + [token], self.max_len - 2 - len(self.tokens), sampler)
-            self.stats.draft_seconds += time.perf_counter() - start
-        ids = torch.tensor([token] + drafts, device=self.device)
-        logits = self.decode(ids)  # [k+1, V]
-        accepted, following = verify(logits, drafts, q, sampler, history)
-        self.cache.truncate(len(self.tokens) + 1 + accepted)  # roll back the rejected drafts
+    def _verify(self, token: int, drafts: list[int], q: torch.Tensor | None, sampler: Sampler,
+                history: torch.Tensor | None) -> tuple[int, int]:
+        """Feed `token` and its drafts in one pass, padded to the next of WIDTHS while that fits the cache; returns
+        the drafts the target accepted (now cached after `token`) and the token after them (not cached yet).
+        Greedy acceptance without a penalty runs on the device, one host read."""
+        began = time.perf_counter()
+        n = len(drafts)
+        width = pass_width(n + 1) if len(self.tokens) + pass_width(n + 1) <= self.max_len else n + 1
+        ids = torch.tensor([token] + drafts + drafts[-1:] * (width - n - 1), device=self.device)  # [width]
+        logits = self.decode(ids)  # [width, V]
+        waited = time.perf_counter()
+        if sampler.params.greedy and history is None:
+            accepted, following = accept_greedy(logits, ids, n)
+        else:
+            accepted, following = verify(logits[:n + 1], drafts, q, sampler,
+                                         torch.empty(0, dtype=torch.long, device=self.device) if history is None
+                                         else history)
+        done = time.perf_counter()
+        self.cache.truncate(len(self.tokens) + 1 + accepted)  # roll back the rejected drafts and the padding
         self.tokens += [token] + drafts[:accepted]
-        if drafts:
-            self.speculator.update(len(drafts), accepted)
-        self.stats.target_steps += 1
-        self.stats.drafted_tokens += len(drafts)
-        self.stats.accepted_tokens += accepted
-        return drafts[:accepted] + [following]
+        self.speculator.verified(n, accepted)
+        stats = self.stats
+        stats.target_steps += 1
+        stats.verify_steps += 1
+        stats.drafted_tokens += n
+        stats.accepted_tokens += accepted
+        stats.wait_seconds += done - waited
+        stats.verify_seconds += done - began
+        return accepted, following
 
 
 def follower(parallel: Parallel, model_dir: Path, dtype: torch.dtype, sparse: list[dict | None], cuda_graphs: bool,

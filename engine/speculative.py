@@ -3,8 +3,14 @@
 Drafters, chosen per step: n-gram prompt lookup (what followed the latest earlier occurrence of the context's last
 n-gram: free, and strong when the answer copies from the document) and otherwise a draft model (a smaller model with
 the target's tokenizer, optionally with FR-Spec's pruned LM head). The target scores the drafted positions plus one
-through its own KV cache and attention path; `verify` keeps the prefix it agrees with and the cache is truncated
+through its own KV cache and attention path, in a pass of one of a few fixed WIDTHS (the draft padded: each width's
+CUDA graph is captured once and replayed); `verify` keeps the prefix it agrees with and the cache is truncated
 past it (key summaries are a pure function of the keys, so truncation is the whole rollback).
+
+Speculation is adaptive: a drafter drafts only as many tokens as pay for the wider pass (`plan`: the expected
+accepted length under its recent acceptance against PassCost, the relative cost of each width). While no drafter
+has a draft that pays, the engine runs plain steps; a drafter whose drafts stopped paying backs off and probes
+again later.
 
 A verification pass gives the logits one-token steps would give, up to float rounding: under sparse attention each
 of its k+1 queries selects its own blocks, as it would decoded alone (attention.attend), so greedy output equals
@@ -17,9 +23,12 @@ from pathlib import Path
 
 import torch
 
-from .attention import DECODE_MAX_QUERIES
+import time
+
+from .attention import DECODE_MAX_QUERIES, uses_sparse
 from .config import ModelConfig
 from .cuda_graph import GraphedDecode
+from .device import synchronize
 from .errors import InferError, ParameterError
 from .sampling import Sampler, apply_repetition_penalty, probabilities
 from .tokenizer import Tokenizer
@@ -29,6 +38,11 @@ from .weights import Checkpoint, load_model
 MAX_DRAFT = DECODE_MAX_QUERIES - 1  # drafted tokens per step: the k + 1 queries verified fit the decode path
 LOOKUP_MIN_PROMPT = 1024  # lookup=None turns n-gram lookup on for prompts at least this long
 NGRAM_SIZES = (4, 3, 2)  # lookup tries the longest n-gram first
+WIDTHS = tuple(w for w in (1, 2, 4, 8, 16) if w < DECODE_MAX_QUERIES) + (DECODE_MAX_QUERIES,)  # tokens a pass verifies
+PASS_TOKEN_COST = 0.1  # PassCost's model: each token of a pass beyond the first adds this share of a one-token step
+PRIOR_RATE = 0.7  # a drafter's acceptance rate before any of its drafts is verified
+RATE_DECAY = 0.6  # the weight of the estimate before each verified draft token
+MAX_BACKOFF = 64  # the most plain steps between two probes of a failing drafter
 
 
 @dataclass
@@ -52,15 +66,81 @@ class SpeculativeConfig:
 
 
 @dataclass
-class DraftLength:
-    """How many tokens a drafter proposes next: +2 after a fully accepted draft, -1 after a rejection (as
-    Hugging Face's assisted generation), so k follows the drafter's recent acceptance."""
+class PassCost:
+    """The time of a pass verifying w tokens, for each w of WIDTHS, relative to a one-token step, and of one token
+    drafted by the draft model: the costs every speculation decision reads. `model` is the fixed model (a decode
+    step reads the weights once; more tokens add little); `measure` times the passes on the device."""
 
-    k: int
-    max_k: int
+    width: dict[int, float]
+    draft_token: float = 0.0
 
-    def update(self, drafted: int, accepted: int) -> None:
-        self.k = min(self.max_k, self.k + 2) if accepted == drafted else max(1, self.k - 1)
+    @classmethod
+    def model(cls, draft_token: float = 0.0) -> "PassCost":
+        return cls({w: 1 + PASS_TOKEN_COST * (w - 1) for w in WIDTHS}, draft_token)
+
+    @classmethod
+    def measure(cls, decode: GraphedDecode, draft: GraphedDecode | None = None, repeats: int = 5) -> "PassCost":
+        """Time passes of each width at the cache's length (and a draft model's one-token step at its own), rolled
+        back after: on CUDA these are replays of the graphs decoding will use, captured here if new."""
+        def seconds(d: GraphedDecode, w: int) -> float:
+            start, tokens = d.cache.length, torch.zeros(w, dtype=torch.long, device=d.cache.k.device)
+            d(tokens)  # warm-up: the capture of a new graph
+            d.cache.truncate(start)
+            synchronize(tokens.device)
+            began = time.perf_counter()
+            for _ in range(repeats):
+                d(tokens)
+                d.cache.truncate(start)
+            synchronize(tokens.device)
+            return (time.perf_counter() - began) / repeats
+
+        passes = {w: seconds(decode, w) for w in WIDTHS}
+        return cls({w: t / passes[1] for w, t in passes.items()},
+                   0.0 if draft is None else seconds(draft, 1) / passes[1])
+
+
+
+def pass_width(tokens: int) -> int:
+    """The width of the pass that verifies `tokens` tokens (the fed one and its drafts): the next of WIDTHS."""
+    return next(w for w in WIDTHS if w >= tokens)
+
+
+@dataclass
+class Acceptance:
+    """One drafter's record: its estimated acceptance rate (the chance that a draft token is accepted when those
+    before it were, an exponential average) and its backoff after failures (drafting nothing or too little to pay,
+    a probe rejected)."""
+
+    rate: float = PRIOR_RATE
+    wait: int = 0  # plain steps before the drafter may draft again
+    backoff: int = 1  # the wait after its next failure
+    probing: bool = False  # its next draft is a probe: one token, whatever the rate says
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        for _ in range(accepted):
+            self.rate = RATE_DECAY * self.rate + (1 - RATE_DECAY)
+        if accepted < drafted:
+            self.rate *= RATE_DECAY
+        if accepted:
+            self.backoff, self.probing = 1, False
+        elif self.probing:
+            self.fail()
+
+    def fail(self) -> None:
+        self.wait, self.backoff, self.probing = self.backoff, min(2 * self.backoff, MAX_BACKOFF), True
+
+
+def plan(rate: float, available: int, cost: PassCost, draft_cost: float) -> int:
+    """How many of `available` draft tokens to verify (0: a plain step pays best): the count whose pass gives the
+    most expected tokens (1 + rate + ... + rate^j: the accepted drafts and the target's own token) per unit of
+    time (the pass's width cost, plus draft_cost per drafted token)."""
+    best, best_gain = 0, 1.0 / cost.width[1]
+    for w in WIDTHS[1:]:
+        j = min(w - 1, available)
+        gain = sum(rate ** i for i in range(j + 1)) / (cost.width[w] + j * draft_cost)
+        if gain > best_gain:
+            best, best_gain = j, gain
+    return best
 
 
 class NgramLookup:
@@ -71,18 +151,28 @@ class NgramLookup:
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> the position right after its latest occurrence
         self.indexed = 0  # the context's first `indexed` tokens are in the index
 
-    def draft(self, context: list[int], k: int) -> list[int]:
-        """context: the document, the conversation and the answer so far; it only grows between calls."""
-        for p in range(self.indexed, len(context)):
+    def extend(self, context: list[int], upto: int) -> None:
+        """Index the n-grams of context[:upto] (the prompt's, chunk by chunk while it prefills); the context only
+        grows between calls."""
+        for p in range(self.indexed, upto):
             for n in self.sizes:
                 if p >= n:
                     self.index[tuple(context[p - n:p])] = p
-        self.indexed = len(context)
+        self.indexed = max(self.indexed, upto)
+
+    def draft(self, context: list[int], k: int, sampler: Sampler | None = None) -> tuple[list[int], None]:
+        """Up to k tokens to follow `context`, the document, the conversation and the answer so far (point masses:
+        no probabilities)."""
+        self.extend(context, len(context))
         for n in self.sizes:
             p = self.index.get(tuple(context[-n:]))
             if p is not None:
-                return context[p:p + k]
-        return []
+                return context[p:p + k], None
+        return [], None
+
+    def ready(self, context: list[int]) -> bool:
+        """Whether it has a draft to follow `context`."""
+        return bool(self.draft(context, 1)[0])
 
 
 def frequent_ids(document: list[int], n: int, vocab: int, keep: set[int]) -> torch.Tensor:
@@ -132,6 +222,9 @@ class DraftModel:
         self.ids = None if cfg.vocab_size == target_vocab else torch.arange(self.vocab, device=device)
         self.restrict(self.ids)
 
+    def ready(self, context: list[int]) -> bool:
+        return True
+
     def restrict(self, ids: torch.Tensor | None) -> None:
         """Keep only the LM-head rows of token ids [N] (FR-Spec); None keeps all of them."""
         self.ids = ids
@@ -174,44 +267,89 @@ class DraftModel:
 
 
 class Speculator:
-    """The drafters of one Engine. Per step a lookup hit wins (it costs nothing); otherwise the draft model drafts."""
+    """The drafters of one Engine and when they draft. Per step a lookup hit wins (it costs nothing); otherwise the
+    draft model drafts; each drafts only what `plan` says pays, and backs off after a failure."""
 
-    def __init__(self, cfg: SpeculativeConfig, model: DraftModel | None, eos_ids: set[int]):
+    def __init__(self, cfg: SpeculativeConfig, model: DraftModel | None, eos_ids: set[int], draft_cost: float):
+        """draft_cost: the fixed model's cost of a draft-model token relative to a target step (PassCost)."""
         self.cfg, self.model, self.eos_ids = cfg, model, eos_ids
-        self.ngrams: NgramLookup | None = None
-        self.lengths: dict[str, DraftLength] = {}
+        self.drafters: dict[str, tuple[NgramLookup | DraftModel, Acceptance]] = {}  # by name, in order of preference
+        self.cost = PassCost.model(draft_cost)
+        self.measured: dict[tuple, PassCost] = {}  # by context band (calibrate)
         self.last = ""  # the drafter of the latest proposal
 
     def begin(self, prompt: list[int]) -> str:
-        """Start a turn whose input is `prompt`; returns the drafters on, joined by '+' ('' for none)."""
+        """Start a turn whose input is `prompt` (the n-grams are indexed as it prefills: `index`); returns the
+        drafters on, joined by '+' ('' for none)."""
         use_lookup = self.cfg.lookup if self.cfg.lookup is not None else len(prompt) >= LOOKUP_MIN_PROMPT
-        self.ngrams = NgramLookup() if use_lookup else None
         if self.model is not None and self.cfg.fr_spec is not None:
             ids = frequent_ids(prompt, self.cfg.fr_spec, self.model.vocab, self.eos_ids)
             self.model.restrict(ids.to(self.model.device))
-        k = self.cfg.max_draft
-        self.lengths = {name: DraftLength(k, k) for name, on in
-                        (("lookup", use_lookup), ("draft", self.model is not None)) if on}
-        return "+".join(self.lengths)
+        self.drafters = {name: (drafter, Acceptance()) for name, drafter in
+                         (("lookup", NgramLookup() if use_lookup else None), ("draft", self.model)) if drafter}
+        return "+".join(self.drafters)
+
+    def index(self, prompt: list[int], upto: int) -> None:
+        """Index the n-grams of prompt[:upto] for lookup (called as each prompt chunk is queued)."""
+        if "lookup" in self.drafters:
+            self.drafters["lookup"][0].extend(prompt, upto)
+
+    def calibrate(self, decode: GraphedDecode) -> None:
+        """Take the pass costs at the cache's length: on CUDA graphs measured, once per context band (attention
+        path and length within a power of two); elsewhere the fixed model."""
+        if not decode.enabled:
+            return
+        length = decode.cache.length
+        band = (uses_sparse(decode.cache, length + 1), length.bit_length())
+        draft = self.model.decode if self.model else None
+        if band not in self.measured and length + DECODE_MAX_QUERIES < decode.cache.max_len and (
+                draft is None or draft.cache.length < draft.cache.max_len):
+            self.measured[band] = PassCost.measure(decode, draft)
+        self.cost = self.measured.get(band, self.cost)
+
+    def ready(self, context: list[int]) -> bool:
+        """After a plain step that cached `context`: whether a drafter would draft now (their waits count down)."""
+        found = False
+        for drafter, record in self.drafters.values():
+            record.wait = max(0, record.wait - 1)
+            found = found or (record.wait == 0 and drafter.ready(context))
+        return found
 
     def propose(self, context: list[int], room: int, sampler: Sampler) -> tuple[list[int], torch.Tensor | None]:
-        """Drafts to follow `context` (at most `room`) and their draft probabilities [k, V] (None: point masses)."""
+        """Drafts to follow `context` (at most `room`) and their draft probabilities [k, V] (None: point masses);
+        none when no drafter's draft pays for its pass."""
         self.last = ""
-        if room < 1:
-            return [], None
-        if self.ngrams is not None:
-            drafts = self.ngrams.draft(context, min(room, self.lengths["lookup"].k))
-            if drafts:
-                self.last = "lookup"
-                return drafts, None
-        if self.model is not None:
-            self.last = "draft"
-            return self.model.draft(context, min(room, self.lengths["draft"].k), sampler)
+        for name, (drafter, record) in self.drafters.items():
+            if record.wait or room < 1:
+                record.wait = max(0, record.wait - 1)  # this step counts as one it waits
+                continue
+            draft_cost = self.cost.draft_token if name == "draft" else 0.0
+            k = min(room, self.cfg.max_draft)
+            if name == "lookup":  # free: see what it has, then keep what pays
+                drafts, q = drafter.draft(context, k, sampler)
+                k = len(drafts)
+                if not k:  # nothing to draft here: plain steps, no backoff (a miss costs no pass)
+                    continue
+            k = max(plan(record.rate, k, self.cost, draft_cost), min(k, int(record.probing)))
+            if k == 0:
+                record.fail()
+                continue
+            self.last = name
+            return drafter.draft(context, k, sampler) if name == "draft" else (drafts[:k], q)
         return [], None
 
-    def update(self, drafted: int, accepted: int) -> None:
-        """After verifying the latest proposal (drafted > 0): adapt that drafter's k."""
-        self.lengths[self.last].update(drafted, accepted)
+    def verified(self, drafted: int, accepted: int) -> None:
+        """After verifying the latest proposal (drafted > 0): update its drafter's record."""
+        self.drafters[self.last][1].verified(drafted, accepted)
+
+
+def accept_greedy(logits: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[int, int]:
+    """`verify` at temperature 0 without a repetition penalty, on the device with one host read: logits [W, V] of
+    the pass fed ids [W] (a token, its n drafts, any padding)."""
+    choice = logits.argmax(-1)  # [W]: the target's token after each fed one
+    accepted = (choice[:n] == ids[1:n + 1]).int().cumprod(0).sum()  # the drafts before the first mismatch
+    accepted, following = torch.stack([accepted, choice[accepted]]).tolist()
+    return accepted, following
 
 
 def verify(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, sampler: Sampler,

@@ -37,7 +37,8 @@ def test_piped_document_with_question(smollm2, env, tmp_path):
     assert b"tok/s" not in r.stdout and b"tok/s" in r.stderr
     record = json.loads(stats.read_text().splitlines()[0])
     assert record["prompt_tokens"] > 0 and record["generated_tokens"] > 0
-    assert {"prefill_tps", "decode_tps", "stop_reason"} <= set(record)
+    assert {"prefill_tps", "decode_tps", "stop_reason", "tokens_per_step", "verify_steps", "draft_share", "verify_share",
+            "host_share"} <= set(record) and 0 <= record["host_share"] <= 1
 
 
 def test_non_utf8_document_warns(smollm2, env):

@@ -17,11 +17,13 @@ from safetensors.torch import save_file
 from infer.engine.errors import InferError
 from infer.engine.generate import Engine
 from infer.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, probabilities
-from infer.engine.speculative import NgramLookup, frequent_ids, verify
+from infer.engine import generate, speculative
+from infer.engine.speculative import WIDTHS, NgramLookup, PassCost, accept_greedy, frequent_ids, plan, verify
 from infer.kernels import pool_keys
 
 SPARSE = {"mode": "on", "topk": 4, "window_size": 64, "block_size": 16}
-PROMPTS = ["Write a short story about a robot who learns to paint.", "List five fruits and describe each in one sentence."]
+PROMPTS = ["Write a short story about a robot who learns to paint.",
+           "Repeat after me, word for word: the cat sat on the mat, the cat sat on the mat, the cat sat on the mat."]
 MAX_CONTEXT = 512  # keeps the KV caches of the many engines below small
 
 
@@ -64,19 +66,22 @@ def test_greedy_output_equals_plain_greedy_for_every_drafter(smollm2, drafter, s
     speculative = {"lookup": engine(lookup=True), "draft": engine(lookup=False, draft=drafter),
                    "lookup+draft": engine(lookup=True, draft=drafter, fr_spec=4096, max_draft=3)}  # FR-Spec head
     params = SamplingParams(max_tokens=40)
+    drafted = dict.fromkeys(speculative, 0)
     for prompt in PROMPTS:
         tokens = plain.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         expected = "".join(plain.generate(tokens, params))
         for name, e in speculative.items():
             assert "".join(e.generate(tokens, params)) == expected, (name, prompt)
             assert e.tokens == plain.tokens and e.stats.stop_reason == plain.stats.stop_reason, name
-            assert e.stats.drafted_tokens > 0 and e.stats.speculative == name, name
+            assert e.stats.speculative == name, name
+            drafted[name] += e.stats.drafted_tokens
             assert_caches_hold(e.model, e.cache, e.tokens)
             if e.speculator.model is not None:
                 d = e.speculator.model
                 d.restrict(None)  # the full head: the cache does not depend on it
                 assert_caches_hold(d.model, d.cache, d.tokens)
             print(f"{'sparse' if sparse else 'dense'} {name}: {e.stats.line().split(' | ', 4)[-1]}")
+    assert all(drafted.values()), drafted
 
 
 def test_turns_prefix_reuse_and_interruption_keep_the_cache_equal_to_the_tokens(smollm2, drafter):
@@ -171,9 +176,89 @@ def test_verify_at_temperature_zero_is_greedy():
 def test_ngram_lookup_proposes_the_continuation_of_the_latest_match():
     lookup = NgramLookup(sizes=(3, 2))
     context = [5, 1, 2, 3, 4, 9, 1, 2, 7, 8, 6, 1, 2]
-    assert lookup.draft(context, 3) == [7, 8, 6]  # the latest "1 2" wins
-    assert lookup.draft(context + [3], 2) == [4, 9]  # "1 2 3" is longer and occurs once
-    assert NgramLookup().draft([10, 11, 12], 4) == []
+    assert lookup.draft(context, 3) == ([7, 8, 6], None)  # the latest "1 2" wins
+    assert lookup.draft(context + [3], 2) == ([4, 9], None)  # "1 2 3" is longer and occurs once
+    assert NgramLookup().draft([10, 11, 12], 4) == ([], None) and not NgramLookup().ready([10, 11, 12])
+
+
+def test_greedy_acceptance_on_the_device_is_verify():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0], [9.0, 0.0, 0.0]])  # [W, V]
+    sampler = Sampler(SamplingParams(), torch.device("cpu"))
+    for drafts in ([1, 0], [1, 2], [2, 0], [1], []):
+        ids = torch.tensor([0] + drafts + [2] * (3 - len(drafts)))  # padded to the width
+        assert accept_greedy(logits, ids, len(drafts)) == verify(logits, drafts, None, sampler, torch.tensor([0]))
+
+
+def test_plan_drafts_what_pays():
+    cost = PassCost.model()
+    assert plan(0.0, 7, cost, 0.0) == 0  # never accepted: plain steps
+    assert plan(1.0, 7, cost, 0.0) == WIDTHS[-1] - 1  # always accepted: the widest pass
+    assert plan(1.0, 2, cost, 0.0) == 2  # what there is, padded
+    assert plan(0.9, 7, cost, 0.0) > plan(0.9, 7, cost, 0.3) > 0 == plan(0.9, 7, cost, 1.0)  # drafting costs
+    assert plan(0.9, 7, PassCost({w: w for w in WIDTHS}), 0.0) == 0  # a pass as slow as its steps never pays
+
+
+def test_pass_costs_are_measured_without_changing_the_cache(smollm2):
+    e = Engine(smollm2, device="cpu", progress=False, max_context=MAX_CONTEXT, lookup=False)
+    tokens = e.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    e.prefill(tokens)
+    cost = PassCost.measure(e.decode, repeats=1)
+    assert set(cost.width) == set(WIDTHS) and cost.width[1] == 1.0 and all(c > 0 for c in cost.width.values())
+    assert_caches_hold(e.model, e.cache, e.tokens)
+
+
+def test_lookup_indexes_the_prompt_while_it_prefills(smollm2, monkeypatch):
+    """Each prompt chunk's n-grams are indexed once the chunk is queued, before the next one runs."""
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 64)
+    e = Engine(smollm2, device="cpu", progress=False, max_context=MAX_CONTEXT, lookup=True)
+    tokens = e.tokenizer.encode_chat([{"role": "user", "content": records(8)}])
+    seen = []  # (the chunk's first position, tokens indexed) as each chunk starts
+    run = e.model.run
+    monkeypatch.setattr(e.model, "run", lambda ids, cache, *a, **k: (
+        seen.append((cache.length, e.speculator.drafters["lookup"][0].indexed)), run(ids, cache, *a, **k))[1])
+    next(e.generate(tokens, SamplingParams(max_tokens=2)))
+    assert len(seen) > 2 and seen == [(start, start) for start in range(0, len(tokens), 64)]
+
+
+class Oracle(NgramLookup):
+    """A drafter that knows the answer: every draft is right (or, wrong=True, every draft is wrong), found out only
+    by verifying it."""
+
+    def __init__(self, answer: list[int], wrong: bool = False):
+        super().__init__()
+        self.answer, self.wrong = answer, wrong
+
+    def draft(self, context, k, sampler=None):
+        n = len(context)
+        right = self.answer[n:n + k] if self.answer[:n] == context else []
+        return ([t + 1 for t in right] if self.wrong else right), None
+
+    def ready(self, context):  # as a draft model: whether its drafts are right is known once they are verified
+        return bool(self.draft(context, 1)[0])
+
+
+@pytest.mark.parametrize("sparse", [None, SPARSE], ids=["dense", "sparse"])
+def test_adaptive_speculation(smollm2, sparse, monkeypatch):
+    """A drafter that is always wrong loses no token and soon leaves the answer to plain steps (a few probes);
+    one that is always right keeps speculating."""
+    def engine(**options):
+        return Engine(smollm2, device="cpu", progress=False, max_context=MAX_CONTEXT, sparse=sparse, **options)
+
+    plain, e = engine(lookup=False), engine(lookup=True)
+    params = SamplingParams(max_tokens=48)
+    tokens = plain.tokenizer.encode_chat([{"role": "user", "content": "List five fruits and describe each in one sentence."}])
+    expected = "".join(plain.generate(tokens, params))
+    assert plain.stats.generated_tokens == 48
+    for wrong in (True, False):
+        monkeypatch.setattr(speculative, "NgramLookup", lambda: Oracle(plain.tokens, wrong))
+        assert "".join(e.generate(tokens, params)) == expected and e.tokens == plain.tokens
+        assert_caches_hold(e.model, e.cache, e.tokens)
+        s = e.stats
+        print(f"{'wrong' if wrong else 'right'}: {s.line().split(' | ', 4)[-1]}")
+        if wrong:
+            assert s.accepted_tokens == 0 and 0 < s.verify_steps <= 12 and s.target_steps - s.verify_steps >= 30
+        else:
+            assert s.acceptance_rate == 1.0 and s.tokens_per_step > 4 and s.verify_steps >= s.target_steps - 2
 
 
 def test_fr_spec_vocabulary():
