@@ -17,13 +17,12 @@ of its k+1 queries selects its own blocks, as it would decoded alone (attention.
 plain greedy output with sparse attention on and off.
 """
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-import time
 
 from .attention import DECODE_MAX_QUERIES, uses_sparse
 from .config import ModelConfig
@@ -97,7 +96,6 @@ class PassCost:
         passes = {w: seconds(decode, w) for w in WIDTHS}
         return cls({w: t / passes[1] for w, t in passes.items()},
                    0.0 if draft is None else seconds(draft, 1) / passes[1])
-
 
 
 def pass_width(tokens: int) -> int:
