@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="prefill/decode throughput on random weights at a real model shape, or of a "
                                          "model file")
     bench.add_argument("model", nargs="?", help="a model (folder, .gguf file, catalogue name) instead of --shape")
-    bench.add_argument("--shape", default="llama3-8b", help="named shape: llama3-8b, qwen2.5-7b, minicpm4-8b, smollm2-135m")
+    bench.add_argument("--shape", default="llama3-8b", help="named shape: llama3-8b, llama3-70b, qwen2.5-7b, minicpm4-8b, smollm2-135m")
     bench.add_argument("--quant", choices=("q4_k_m", "q8_0", "int4", "int8"),
                        help="random weights in these GGML types (q4_k_m: as llama-quantize's Q4_K_M; int4/int8: as "
                             "--quantize makes them) instead of --dtype")
