@@ -225,8 +225,9 @@ def _worker(rank: int, size: int, device: torch.device, address: str, announced:
     try:
         target(join(rank, size, device, address, announced), *args)
     except Exception as e:
-        print(f"infer: error: tensor-parallel rank {rank}: {type(e).__name__}: {str(e).strip().splitlines()[0]}",
-              file=sys.stderr, flush=True)
+        first_line = (str(e).strip().splitlines() or [""])[0]  # an exception may carry no message
+        print(f"infer: error: tensor-parallel rank {rank}: {type(e).__name__}: {first_line}", file=sys.stderr,
+              flush=True)
         os._exit(1)
 
 
