@@ -208,8 +208,6 @@ class Engine:
         stats.stop_reason = "max tokens"
         stats.speculative = drafters
         first = sampler.sample(logits, torch.tensor(tokens, dtype=torch.long, device=self.device))  # [1]
-        if drafters:
-            self.speculator.calibrate(self.decode)
         answer = self._answer(first, sampler)
         done = len(tokens)  # the prompt and the answer tokens the answer went on past: what the cache keeps
         try:
@@ -252,12 +250,15 @@ class Engine:
 
     def _answer(self, first: torch.Tensor, sampler: Sampler) -> Iterator[int]:
         """The answer's tokens from `first` (a device tensor [1]) on: plain steps until a drafter would draft, then
-        speculative steps until drafting stops paying, and so on."""
+        speculative steps until drafting stops paying, and so on. The pass costs are taken (calibrate) only when a
+        drafter would draft: a turn where none does pays nothing for them, in its first token or after."""
         token = first
         while token is not None:
             token = yield from self._decode_ahead(token, sampler)
             if token is not None:
-                token = yield from self._speculate(int(token), sampler)
+                decided = int(token)  # read first: the passes calibrate times reuse the decode graph's buffers
+                self.speculator.calibrate(self.decode)  # once per context band, when speculation first pays there
+                token = yield from self._speculate(decided, sampler)
 
     def _history(self, sampler: Sampler) -> torch.Tensor | None:
         """The ids the repetition penalty sees before the next fed token: the cached ones (None: no penalty)."""
