@@ -478,5 +478,6 @@ def cmd_serve(args) -> None:
         f"{args.queue} requests may wait")
     try:  # no startup or shutdown handlers: lifespan off, else Ctrl-C cancels its wait with a traceback
         uvicorn.Server(uvicorn.Config(server.app, log_level="info", lifespan="off")).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down on Ctrl-C and raised it again: a clean stop
-        log("infer serve: stopped")
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (unless SIGINT was ignored)
+        pass
+    log("infer serve: stopped")
