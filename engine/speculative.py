@@ -202,7 +202,9 @@ def check_same_vocabulary(draft: Tokenizer, target: Tokenizer, name: str) -> Non
 
 
 class DraftModel:
-    """A smaller model with the target's tokenizer and its own dense KV cache, drafting k tokens autoregressively."""
+    """A smaller model with the target's tokenizer and its own dense KV cache, drafting k tokens autoregressively,
+    each step a (CUDA-graphed) decode pass. Its cache keeps the drafts it decoded, so after a verification it
+    lacks only the token or two the target added, caught up in one such pass; a new turn's prompt is prefilled."""
 
     def __init__(self, checkpoint: Checkpoint, cfg: ModelConfig, target_vocab: int, device: torch.device,
                  dtype: torch.dtype, max_len: int, chunk: int, progress: bool = True, cuda_graphs: bool = True):
@@ -238,8 +240,14 @@ class DraftModel:
         k = min(k, self.cache.max_len + 1 - len(context))
         if k < 1:
             return [], None
-        logits = prefill(self.model, self.cache, self.tokens, context, reusable_prefix(self.tokens, context),
-                         self.chunk)  # [1, N]
+        keep = reusable_prefix(self.tokens, context)
+        if len(context) - keep <= DECODE_MAX_QUERIES:  # after a verification: the token or two the target added
+            self.cache.truncate(keep)
+            del self.tokens[keep:]
+            logits = self.decode(torch.tensor(context[keep:], device=self.device))[-1:]  # [1, N], a graph replay
+            self.tokens += context[keep:]
+        else:  # a new turn's prompt
+            logits = prefill(self.model, self.cache, self.tokens, context, keep, self.chunk)  # [1, N]
         drafts, probs = [], []
         for i in range(k):
             if i:

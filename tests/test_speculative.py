@@ -84,6 +84,27 @@ def test_greedy_output_equals_plain_greedy_for_every_drafter(smollm2, drafter, s
     assert all(drafted.values()), drafted
 
 
+def test_the_draft_model_prefills_the_prompt_once_and_catches_up_in_decode_passes(smollm2, drafter, monkeypatch):
+    """Its cache keeps the drafts it decoded: after a verification only the token or two the target added are
+    missing, and they run as one decode pass (graphed on CUDA), not through prefill."""
+    prefilled = []  # tokens each prefill call ran
+
+    def counting_prefill(model, cache, cached, tokens, keep, *args, **kwargs):
+        prefilled.append(len(tokens) - keep)
+        return prefill(model, cache, cached, tokens, keep, *args, **kwargs)
+
+    prefill = speculative.prefill
+    monkeypatch.setattr(speculative, "prefill", counting_prefill)
+    e = Engine(smollm2, device="cpu", progress=False, max_context=MAX_CONTEXT, lookup=False, draft=drafter)
+    tokens = e.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    "".join(e.generate(tokens, SamplingParams(max_tokens=32)))
+    assert e.stats.verify_steps >= 2  # the draft model drafted after a verification at least once
+    assert len(prefilled) == 1 and prefilled[0] > len(tokens)  # once: the context at its first draft
+    d = e.speculator.model
+    d.restrict(None)
+    assert_caches_hold(d.model, d.cache, d.tokens)
+
+
 def test_turns_prefix_reuse_and_interruption_keep_the_cache_equal_to_the_tokens(smollm2, drafter):
     plain = Engine(smollm2, device="cpu", progress=False, max_context=MAX_CONTEXT, lookup=False)
     e = Engine(smollm2, device="cpu", progress=False, max_context=MAX_CONTEXT, lookup=True, draft=drafter)
