@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from infer.engine.errors import InferError
 from infer.engine.generate import Engine
+from infer.engine.model import reusable_prefix
 from infer.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, probabilities
 from infer.engine import generate, speculative
 from infer.engine.speculative import WIDTHS, NgramLookup, PassCost, accept_greedy, frequent_ids, plan, verify
@@ -202,6 +203,42 @@ def test_ngram_lookup_proposes_the_continuation_of_the_latest_match():
     assert NgramLookup().draft([10, 11, 12], 4) == ([], None) and not NgramLookup().ready([10, 11, 12])
 
 
+def test_ngram_lookup_rewinds_to_the_shared_prefix_exactly():
+    """The index kept from one turn, rewound to the prefix the next prompt shares and extended, equals an index built
+    afresh over that prompt: the same n-grams, each at its latest occurrence (small vocabulary: many repeats)."""
+    rng = random.Random(0)
+    for _ in range(50):
+        first = [rng.randrange(4) for _ in range(rng.randrange(0, 60))]
+        shared = rng.randrange(0, len(first) + 1)
+        second = first[:shared] + [rng.randrange(4) for _ in range(rng.randrange(0, 40))]
+        kept = NgramLookup()
+        kept.extend(first, len(first))
+        kept.rewind(second)
+        assert kept.indexed >= shared and kept.seen == second[:kept.indexed]
+        kept.extend(second, len(second))
+        fresh = NgramLookup()
+        fresh.extend(second, len(second))
+        assert kept.index == fresh.index and kept.seen == second
+
+
+def test_a_turn_indexes_only_what_follows_the_shared_prefix(smollm2):
+    e = Engine(smollm2, device="cpu", progress=False, max_context=MAX_CONTEXT, lookup=True)
+    messages = [{"role": "user", "content": records(8) + "\n\nWhich record is first?"}]
+    list(e.generate(e.tokenizer.encode_chat(messages), SamplingParams(max_tokens=4)))
+    messages[0]["content"] = records(8) + "\n\nWhich record is last?"
+    tokens = e.tokenizer.encode_chat(messages)
+    lookup = e.speculator.lookup
+    kept = reusable_prefix(lookup.seen, tokens)
+    extend = lookup.extend
+    calls = []
+    lookup.extend = lambda context, upto: (calls.append((lookup.indexed, upto)), extend(context, upto))[1]
+    list(e.generate(tokens, SamplingParams(max_tokens=4)))
+    assert kept > len(tokens) - 16 and calls[0] == (kept, len(tokens))
+    fresh = NgramLookup()
+    fresh.extend(lookup.seen, lookup.indexed)
+    assert lookup.index == fresh.index and lookup.seen[:len(tokens)] == tokens
+
+
 def test_greedy_acceptance_on_the_device_is_verify():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0], [9.0, 0.0, 0.0]])  # [W, V]
     sampler = Sampler(SamplingParams(), torch.device("cpu"))
@@ -271,7 +308,7 @@ def test_adaptive_speculation(smollm2, sparse, monkeypatch):
     expected = "".join(plain.generate(tokens, params))
     assert plain.stats.generated_tokens == 48
     for wrong in (True, False):
-        monkeypatch.setattr(speculative, "NgramLookup", lambda: Oracle(plain.tokens, wrong))
+        e.speculator.lookup = Oracle(plain.tokens, wrong)
         assert "".join(e.generate(tokens, params)) == expected and e.tokens == plain.tokens
         assert_caches_hold(e.model, e.cache, e.tokens)
         s = e.stats
