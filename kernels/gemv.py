@@ -323,11 +323,12 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, N, K, row_bytes,
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, qtype, bias: torch.Tensor | None = None,
                 gated: bool = False, residual: torch.Tensor | None = None, residual_scale: float = 1.0,
-                block_n: int = 16, block_k: int = 128, num_warps: int = 4) -> torch.Tensor:
+                block_n: int = 32, block_k: int = 512, num_warps: int = 4) -> torch.Tensor:
     """`reference` for a few rows (speculative verification, short prefill chunks): x [T, K] (or [T, 2K] gated),
     1 <= T <= 16, with a contiguous last dim; weight uint8 [N, row_bytes] of qtype, contiguous; residual [T, N]
     contiguous -> new [T, N]. Each program decodes block_n weight rows, block_k elements at a time (as gemv),
-    and multiplies them with all T rows (padded to 16) on the tensor cores. Gated x goes through
+    and multiplies them with all T rows (padded to 16) on the tensor cores. The default tile is the best for every
+    packed type of a Q4_K_M file in an H200 sweep at the Llama-3-8B shapes (BENCHMARKS.md). Gated x goes through
     activation.silu_mul first: read inside, every program would recompute the SiLU of all T rows, and the two
     fp32 x tiles crowd out the decoded weights' registers.
 
