@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from infer.engine.errors import InferError
-from infer.engine.tokenizer import StreamDecoder, Tokenizer
+from infer.engine.tokenizer import PrefixEncoder, StreamDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -316,3 +316,56 @@ def test_errors(bpe_dir, sp_dir, tmp_path):
         tok.encode_chat(CHATS[0])
     with pytest.raises(InferError, match="Conversation roles must alternate"):
         Tokenizer.from_dir(sp_dir).apply_chat_template([{"role": "user", "content": "a"}] * 2)
+
+
+class _Recorder:
+    """A tokenizers.Tokenizer that records how many characters each encode call was given."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def encode(self, text, add_special_tokens=True):
+        self.lengths.append(len(text))
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _document(rng: random.Random, chars: int) -> str:
+    words = ["alpha", "Beta", "gamma's", "δέλτα", "中文", "naïve", "x1", "2024", "3.14", "--", "(see", "§3)", "🙂",
+             "don't", "<|im_end|>", "\t", "  ", "e\u0301"]  # a special token, tabs, runs of spaces, a combining mark
+    lines = []
+    while sum(map(len, lines)) < chars:
+        lines.append(" ".join(rng.choices(words, k=rng.randrange(0, 14))) + rng.choice(["", " ", "  ", "\r"]))
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "smollm2", "qwen", "metaspace"])
+def test_prefix_encoder_equals_encoding_the_whole_text(kind, bpe_dir, request):
+    """Edits anywhere in a long text (appended questions, changes in the middle and near the start, cuts) give the
+    ids of encoding the whole text; a question appended to the same document re-encodes only the text near it. A
+    tokenizer that marks a text's start (sentencepiece-style prefix space) is always encoded whole."""
+    if kind == "metaspace":
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    else:
+        folder = bpe_dir if kind == "bpe" else request.getfixturevalue(kind)
+        tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    rng = random.Random(0)
+    doc = _document(rng, 3 * PrefixEncoder.MIN_CHARS)
+    texts = [doc + "\n\nWhat does section 3 claim?", doc + "\n\nAnd section 4?", doc + "\n\nAnd section 4?"]
+    for _ in range(25):
+        p = rng.randrange(len(doc))
+        doc = doc[:p] + rng.choice(["", "X", "\n", " ", "\n\nnew paragraph\n", "中", "🙂 ok"]) + doc[p + rng.randrange(3):]
+        texts.append(doc[:rng.randrange(len(doc) // 2, len(doc))] + rng.choice(["", "\n", "\n\nWhy?"]))
+    recorder = _Recorder(tok)
+    encoder = PrefixEncoder(recorder)
+    encoded = []  # per text: the characters the tokenizer was given
+    for i, text in enumerate(texts):
+        before = len(recorder.lengths)
+        assert encoder.encode(text) == tok.encode(text, add_special_tokens=False).ids, i
+        encoded.append(sum(recorder.lengths[before:]))
+    reused = [n < len(text) for n, text in zip(encoded, texts)]
+    if kind == "metaspace":
+        assert not any(reused)
+    else:
+        assert reused[1] and reused[2] and encoded[1] < PrefixEncoder.MARGIN + 200 and sum(reused) > 10
