@@ -297,10 +297,12 @@ class Engine:
 
     def _speculate(self, token: int, sampler: Sampler) -> Iterator[int]:
         """Speculative steps from `token` (decided, not fed) on: each target pass feeds a token and verifies the
-        drafts proposed after it. A token is yielded once its drafts are proposed, before the pass that feeds it.
+        drafts proposed after it. The pass is queued first; the tokens the last pass accepted and `token` are
+        yielded while it runs (the caller's text work overlaps the device's pass), then its result is read.
         Returns the next token (a device tensor [1], not fed) once no drafter drafts, None at the end of the
         context."""
         history = self._history(sampler)
+        accepted: list[int] = []  # the last pass's accepted drafts, cached and not yielded yet
         while True:
             room = self.max_len - 2 - len(self.tokens)
             drafts, q = [], None
@@ -308,29 +310,36 @@ class Engine:
                 began = time.perf_counter()
                 drafts, q = self.speculator.propose(self.tokens + [token], room, sampler)
                 self.stats.draft_seconds += time.perf_counter() - began
-                if not drafts:
+            if not drafts:
+                yield from accepted
+                if room >= 0:
                     return torch.tensor([token], device=self.device)
-            yield token
-            if room < 0:
+                yield token
                 return None
             if history is not None:
                 history = torch.cat([history, torch.tensor([token], device=self.device)])
-            accepted, token = self._verify(token, drafts, q, sampler, history)
-            for t in drafts[:accepted]:
-                yield t
+            queued = self._queue_verify(token, drafts)
+            yield from accepted
+            yield token
+            accepted, token = self._read_verify(queued, token, drafts, q, sampler, history)
             if history is not None:
-                history = torch.cat([history, torch.tensor(drafts[:accepted], dtype=torch.long, device=self.device)])
+                history = torch.cat([history, torch.tensor(accepted, dtype=torch.long, device=self.device)])
 
-    def _verify(self, token: int, drafts: list[int], q: torch.Tensor | None, sampler: Sampler,
-                history: torch.Tensor | None) -> tuple[int, int]:
-        """Feed `token` and its drafts in one pass, padded to the next of WIDTHS while that fits the cache; returns
-        the drafts the target accepted (now cached after `token`) and the token after them (not cached yet).
-        Greedy acceptance without a penalty runs on the device, one host read."""
+    def _queue_verify(self, token: int, drafts: list[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Queue the pass that feeds `token` and its drafts, padded to the next of WIDTHS while that fits the
+        cache: (its ids [width], its logits [width, V], when it was queued)."""
         began = time.perf_counter()
         n = len(drafts)
         width = pass_width(n + 1) if len(self.tokens) + pass_width(n + 1) <= self.max_len else n + 1
         ids = torch.tensor([token] + drafts + drafts[-1:] * (width - n - 1), device=self.device)  # [width]
-        logits = self.decode(ids)  # [width, V]
+        return ids, self.decode(ids), began
+
+    def _read_verify(self, queued: tuple[torch.Tensor, torch.Tensor, float], token: int, drafts: list[int],
+                     q: torch.Tensor | None, sampler: Sampler, history: torch.Tensor | None) -> tuple[list[int], int]:
+        """The queued pass's result: the drafts the target accepted (now cached after `token`) and the token after
+        them (not cached yet). Greedy acceptance without a penalty runs on the device, one host read."""
+        ids, logits, began = queued
+        n = len(drafts)
         waited = time.perf_counter()
         if sampler.params.greedy and history is None:
             accepted, following = accept_greedy(logits, ids, n)
@@ -349,7 +358,7 @@ class Engine:
         stats.accepted_tokens += accepted
         stats.wait_seconds += done - waited
         stats.verify_seconds += done - began
-        return accepted, following
+        return drafts[:accepted], following
 
 
 def follower(parallel: Parallel, model_dir: Path, dtype: torch.dtype, sparse: list[dict | None], cuda_graphs: bool,
