@@ -198,6 +198,7 @@ def cmd_bench(args) -> None:
 
     from infer.engine.measure import bench
     from infer.engine.device import parse_device, parse_dtype
+    from infer.engine.speculative import WIDTHS
 
     if args.attention or args.check:
         return cmd_bench_attention(args)
@@ -213,6 +214,8 @@ def cmd_bench(args) -> None:
         title = f"{args.model}"
     else:
         title = f"{args.shape} (random weights{', ' + args.quant if args.quant else ''})"
+    if any(not 2 <= width <= WIDTHS[-1] for width in args.verify):
+        raise InferError(f"--verify takes widths from 2 to {WIDTHS[-1]}: a pass verifies at most {WIDTHS[-1] - 1} drafts")
     plan = bench.Plan(args.shape, args.quant, path, dtype, args.sparse, args.prompt_tokens, args.gen_tokens,
                       args.depths, [1] + args.verify, not args.eager)
     parallel = bench.bench_group(plan, device, args.tp)

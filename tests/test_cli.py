@@ -101,6 +101,11 @@ def test_unknown_catalogue_name():
     assert_one_line_error(infer("pull", "no-such-model"), "no-such-model")
 
 
+@pytest.mark.parametrize("widths", ["1", "16", "2,9"])
+def test_bench_refuses_verification_widths_the_engine_never_runs(widths):
+    assert_one_line_error(infer("bench", "--shape", "smollm2-135m", "--device", "cpu", "--verify", widths), "--verify")
+
+
 def test_bench_with_sparse_attention_runs_on_cpu_without_the_triton_interpreter():
     """The bench's cache at depth is pooled by the torch reference off CUDA (Triton kernels need a GPU there)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
