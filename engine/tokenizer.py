@@ -146,8 +146,8 @@ class PrefixEncoder:
     """Encodes a chat that mostly repeats the last one (the next turn of a conversation, or a server request that
     resends a long document with a new question) by re-encoding only from shortly before where the texts part.
 
-    Tokenizing is ~2.5 us a token (an 80K-token document: 0.2 s before every first token). Byte-level BPE is local:
-    a pre-token depends on the few characters around it, so the last encoding's tokens up to the cut still hold. The
+    Encoding a long document again would delay every first token (BENCHMARKS.md). Byte-level BPE is local: a
+    pre-token depends on the few characters around it, so the last encoding's tokens up to the cut still hold. The
     cut is a token that starts a line with a non-space character, at least MARGIN characters before the texts part;
     the new text is encoded from there, and the result is kept only when that encoding reproduces the last one's
     tokens over OVERLAP characters past the cut (same ids at the same offsets). Anything else (a tokenizer that
