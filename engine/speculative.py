@@ -164,10 +164,12 @@ class NgramLookup:
         must be the tokens indexed so far (begin a turn with `rewind`)."""
         for p in range(self.indexed, upto):
             for n in self.sizes:
-                key = tuple(context[p - n:p]) if p >= n else None
-                self.replaced[n].append(self.index.get(key, -1) if key else -1)
-                if key:
-                    self.index[key] = p
+                if p < n:  # no n-gram ends here yet
+                    self.replaced[n].append(-1)
+                    continue
+                key = tuple(context[p - n:p])
+                self.replaced[n].append(self.index.get(key, -1))
+                self.index[key] = p
         self.seen.extend(context[self.indexed:upto])
 
     def rewind(self, tokens: list[int]) -> None:
