@@ -13,6 +13,7 @@ FLAGS = {
     "repetition_penalty": "--repetition-penalty", "seed": "--seed", "max_tokens": "--max-tokens", "stop": "--stop",
     "max_context": "--max-context", "device": "--device", "dtype": "--dtype", "mode": "--sparse",
     "topk": "--sparse-topk", "block_size": "--block-size", "window_size": "--window", "dense_len": "--dense-len",
+    "kernel_size": "--summary-size", "kernel_stride": "--summary-stride",
     "max_draft": "--draft-tokens", "fr_spec": "--fr-spec", "draft": "--draft", "quantize": "--quantize", "tp": "--tp",
 }
 
@@ -56,6 +57,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="KV blocks each query attends, sink and local window included (default 64)")
     g.add_argument("--block-size", type=int, metavar="N", help="tokens per KV block (default 64)")
     g.add_argument("--window", type=int, metavar="N", help="trailing tokens always attended (default 2048)")
+    g.add_argument("--summary-size", type=int, metavar="N",
+                   help="keys averaged into one pooled summary, which scores the blocks it overlaps (default 32)")
+    g.add_argument("--summary-stride", type=int, metavar="N",
+                   help="tokens between summaries (default 16); 8 with --summary-size 16 finds more needles among "
+                        "distractors at about 1.5x the attention's decode cost at 128K (BENCHMARKS.md)")
     g.add_argument("--dense-len", type=int, metavar="N",
                    help="contexts up to this many tokens stay dense in auto mode (default 8192)")
     g.add_argument("--use-nope", action="store_true", default=None,
@@ -115,7 +121,8 @@ def sampling_overrides(args) -> dict:
 
 def sparse_overrides(args) -> dict:
     return dict(mode=args.sparse, topk=args.sparse_topk, block_size=args.block_size, window_size=args.window,
-                dense_len=args.dense_len, use_nope=args.use_nope)
+                kernel_size=args.summary_size, kernel_stride=args.summary_stride, dense_len=args.dense_len,
+                use_nope=args.use_nope)
 
 
 def load_engine(args, sparse: dict | None = None, variants: list[dict] = ()):

@@ -114,3 +114,15 @@ def test_bench_with_sparse_attention_runs_on_cpu_without_the_triton_interpreter(
     out = subprocess.run([sys.executable, "-m", "infer.cli.main", *args], capture_output=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert [(r["test"], r["depth"]) for r in json.loads(out.stdout)] == [("pp16", 0), ("tg2", 40)]
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "eval"])
+def test_sparse_flags_reach_the_sparse_config(command):
+    from infer.cli.main import build_parser, sparse_overrides
+    from infer.engine.config import sparse_config
+
+    args = build_parser().parse_args([command, "m", "--sparse", "on", "--sparse-topk", "8", "--window", "128",
+                                      "--summary-size", "16", "--summary-stride", "8"])
+    cfg = sparse_config(None, **sparse_overrides(args))
+    assert (cfg.mode, cfg.topk, cfg.window_size, cfg.kernel_size, cfg.kernel_stride) == ("on", 8, 128, 16, 8)
+    assert sparse_config(None, **sparse_overrides(build_parser().parse_args([command, "m"]))).kernel_stride == 16

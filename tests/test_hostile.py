@@ -126,7 +126,7 @@ def test_fuzzed_tokenizer_config_json(tiny, tmp_path_factory, tokenizer, templat
 NUMBER = st.sampled_from(["0", "1", "-1", "0.5", "2", "nan", "inf", "-inf", "1e9", "x", ""])
 SAMPLING_FLAGS = ("--temperature", "--top-p", "--top-k", "--min-p", "--repetition-penalty", "--seed",
                   "--max-tokens", "--stop", "--max-context", "--sparse-topk", "--block-size", "--window",
-                  "--dense-len", "--draft-tokens")
+                  "--dense-len", "--summary-size", "--summary-stride", "--draft-tokens")
 
 
 @FUZZ
@@ -151,6 +151,8 @@ def test_fuzzed_sampling_flags(tiny, flags):
     (["--max-context", "-5"], ["--max-context"]),
     (["--max-context", "200000"], ["--max-context", "64"]),
     (["--block-size", "48"], ["--block-size"]),
+    (["--summary-size", "8", "--summary-stride", "16"], ["--summary-stride", "--summary-size"]),
+    (["--summary-size", "0"], ["--summary-size"]),
     (["--max-tokens", "0"], ["--max-tokens"]),
 ])
 def test_bad_flag_values_name_the_flag(tiny, flags, words):
