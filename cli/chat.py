@@ -340,7 +340,11 @@ class Chat:
             try:
                 reason = self.turn(text, out, markdown=out.isatty())
             except InferError as e:
-                self.err.print(f"error: {error_message(e)}", soft_wrap=True, markup=False)
+                hint = ""
+                if isinstance(e, ContextOverflow) and self.document is not None and not any(
+                        m["role"] == "user" for m in self.messages):  # every question would carry the document
+                    hint = "; /reset drops the document"
+                self.err.print(f"error: {error_message(e)}{hint}", soft_wrap=True, markup=False)
                 continue
             except Exception as e:
                 if os.environ.get("INFER_DEBUG"):

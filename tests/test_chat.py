@@ -112,6 +112,34 @@ def test_piped_document_then_questions_from_the_terminal(smollm2, env, tmp_path)
     assert child.exitstatus == 0
 
 
+def test_piped_document_longer_than_the_context_then_reset(smollm2, env, tmp_path):
+    """A piped document too long for the context: each question says so on one line, naming /reset, and after
+    /reset the questions are answered without it."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The meeting is on Tuesday. " * 40)
+    command = (f"cat {doc} | {sys.executable} -m infer.cli.main chat {smollm2} --temperature 0 --max-tokens 4 "
+               f"--max-context 128")
+    child = pexpect.spawn("bash", ["-c", command], env=env, cwd=str(tmp_path), timeout=120, encoding="utf-8",
+                          dimensions=(40, 200))
+    try:
+        at_prompt(child)
+        child.send("When is the meeting?\r")
+        child.expect_exact("error: the input has")
+        child.expect_exact("/reset drops the document")
+        at_prompt(child)
+        child.send("/reset\r")
+        child.expect_exact("conversation cleared")
+        at_prompt(child)
+        child.send("Say hi.\r")
+        child.expect_exact("tok/s")
+        at_prompt(child)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(smollm2):
     from infer.cli.chat import Chat
     from infer.engine.generate import Engine
