@@ -1,5 +1,6 @@
 """`infer chat`: piped documents as a subprocess with no terminal, and the interactive loop through a pty (pexpect)."""
 
+import contextlib
 import io
 import json
 import os
@@ -89,21 +90,17 @@ def answer_on_screen(output: str, question: str, columns: int, rows: int) -> lis
     return [line for line in lines[start + 1:end] if line]
 
 
-def test_piped_document_then_questions_from_the_terminal(smollm2, env, tmp_path):
-    """`cat doc | infer chat MODEL` in a terminal: the document comes through the pipe, the questions from the
-    controlling terminal (/dev/tty, here the pty), which the chat reopens."""
+@contextlib.contextmanager
+def piped_chat(model, env, tmp_path, document: str, *flags: str):
+    """`cat doc.txt | infer chat MODEL --temperature 0 FLAGS` in a terminal (a pty). After the block, at the prompt,
+    Ctrl-D must end it with exit status 0."""
     doc = tmp_path / "doc.txt"
-    doc.write_bytes(b"The secret word is pineapple. The meeting is on Tuesday in room 42.\n")
-    command = f"cat {doc} | {sys.executable} -m infer.cli.main chat {smollm2} --temperature 0 --max-tokens 24"
+    doc.write_text(document)
+    command = f"cat {doc} | {sys.executable} -m infer.cli.main chat {model} --temperature 0 {' '.join(flags)}"
     child = pexpect.spawn("bash", ["-c", command], env=env, cwd=str(tmp_path), timeout=120, encoding="utf-8",
                           dimensions=(40, 200))
     try:
-        child.expect_exact("document loaded")
-        at_prompt(child)
-        child.send("Which room is the meeting in?\r")
-        child.expect_exact("meeting in?")  # the echo of the question
-        child.expect_exact("42")
-        child.expect_exact("tok/s")
+        yield child
         at_prompt(child)
         child.sendeof()
         child.expect(pexpect.EOF)
@@ -112,16 +109,24 @@ def test_piped_document_then_questions_from_the_terminal(smollm2, env, tmp_path)
     assert child.exitstatus == 0
 
 
+def test_piped_document_then_questions_from_the_terminal(smollm2, env, tmp_path):
+    """`cat doc | infer chat MODEL` in a terminal: the document comes through the pipe, the questions from the
+    controlling terminal (/dev/tty, here the pty), which the chat reopens."""
+    document = "The secret word is pineapple. The meeting is on Tuesday in room 42.\n"
+    with piped_chat(smollm2, env, tmp_path, document, "--max-tokens", "24") as child:
+        child.expect_exact("document loaded")
+        at_prompt(child)
+        child.send("Which room is the meeting in?\r")
+        child.expect_exact("meeting in?")  # the echo of the question
+        child.expect_exact("42")
+        child.expect_exact("tok/s")
+
+
 def test_piped_document_longer_than_the_context_then_reset(smollm2, env, tmp_path):
     """A piped document too long for the context: each question says so on one line, naming /reset, and after
     /reset the questions are answered without it."""
-    doc = tmp_path / "doc.txt"
-    doc.write_text("The meeting is on Tuesday. " * 40)
-    command = (f"cat {doc} | {sys.executable} -m infer.cli.main chat {smollm2} --temperature 0 --max-tokens 4 "
-               f"--max-context 128")
-    child = pexpect.spawn("bash", ["-c", command], env=env, cwd=str(tmp_path), timeout=120, encoding="utf-8",
-                          dimensions=(40, 200))
-    try:
+    document = "The meeting is on Tuesday. " * 40
+    with piped_chat(smollm2, env, tmp_path, document, "--max-tokens", "4", "--max-context", "128") as child:
         at_prompt(child)
         child.send("When is the meeting?\r")
         child.expect_exact("error: the input has")
@@ -132,12 +137,6 @@ def test_piped_document_longer_than_the_context_then_reset(smollm2, env, tmp_pat
         at_prompt(child)
         child.send("Say hi.\r")
         child.expect_exact("tok/s")
-        at_prompt(child)
-        child.sendeof()
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
 
 
 def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(smollm2):
