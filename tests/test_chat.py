@@ -91,12 +91,9 @@ def answer_on_screen(output: str, question: str, columns: int, rows: int) -> lis
 
 
 @contextlib.contextmanager
-def piped_chat(model, env, tmp_path, document: str, *flags: str):
-    """`cat doc.txt | infer chat MODEL --temperature 0 FLAGS` in a terminal (a pty). After the block, at the prompt,
-    Ctrl-D must end it with exit status 0."""
-    doc = tmp_path / "doc.txt"
-    doc.write_text(document)
-    command = f"cat {doc} | {sys.executable} -m infer.cli.main chat {model} --temperature 0 {' '.join(flags)}"
+def chat_in_terminal(command: str, env, tmp_path):
+    """A shell `command` that runs `infer chat`, in a terminal (a pty). After the block, at the prompt, Ctrl-D must
+    end it with exit status 0."""
     child = pexpect.spawn("bash", ["-c", command], env=env, cwd=str(tmp_path), timeout=120, encoding="utf-8",
                           dimensions=(40, 200))
     try:
@@ -107,6 +104,14 @@ def piped_chat(model, env, tmp_path, document: str, *flags: str):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def piped_chat(model, env, tmp_path, document: str, *flags: str):
+    """`cat doc.txt | infer chat MODEL --temperature 0 FLAGS` in a terminal: see chat_in_terminal."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(document)
+    command = f"cat {doc} | {sys.executable} -m infer.cli.main chat {model} --temperature 0 {' '.join(flags)}"
+    return chat_in_terminal(command, env, tmp_path)
 
 
 def test_piped_document_then_questions_from_the_terminal(smollm2, env, tmp_path):
@@ -178,10 +183,8 @@ def test_chat_turns_reuse_the_cached_document(smollm2):
 
 
 def test_interactive_session(smollm2, env, tmp_path):
-    child = pexpect.spawn(sys.executable, ["-m", "infer.cli.main", "chat", str(smollm2), "--temperature", "0",
-                                           "--max-tokens", "400"], env=env, cwd=str(tmp_path), timeout=120,
-                          encoding="utf-8", dimensions=(40, 200))
-    try:
+    command = f"{sys.executable} -m infer.cli.main chat {smollm2} --temperature 0 --max-tokens 400"
+    with chat_in_terminal(command, env, tmp_path) as child:
         at_prompt(child)
         child.send("/help\r")
         child.expect_exact("Alt+Enter")
@@ -212,10 +215,4 @@ def test_interactive_session(smollm2, env, tmp_path):
         assert saved[1]["content"] and saved[3]["content"]
         child.send("/reset\r")
         child.expect_exact("conversation cleared")
-        at_prompt(child)
-        child.sendeof()
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
     assert (tmp_path / "home" / "data" / "infer" / "history").exists()
