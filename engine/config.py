@@ -53,7 +53,8 @@ class SparseConfig:
             if getattr(self, name) < 0:
                 raise ParameterError(name, f"must not be negative, got {getattr(self, name)}")
         if self.kernel_stride > self.kernel_size:
-            raise ParameterError("kernel_stride", f"{self.kernel_stride} must not exceed {{kernel_size}} ({self.kernel_size})",
+            raise ParameterError("kernel_stride",
+                                 f"{self.kernel_stride} must not exceed {{kernel_size}} ({self.kernel_size})",
                                  ("kernel_size",))
 
 
