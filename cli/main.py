@@ -203,8 +203,9 @@ def cmd_bench(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from infer.engine.measure import bench
+    from infer.engine.config import sparse_config
     from infer.engine.device import parse_device, parse_dtype
+    from infer.engine.measure import bench
     from infer.engine.speculative import WIDTHS
 
     if args.attention or args.check:
@@ -223,7 +224,9 @@ def cmd_bench(args) -> None:
         title = f"{args.shape} (random weights{', ' + args.quant if args.quant else ''})"
     if any(not 2 <= width <= WIDTHS[-1] for width in args.verify):
         raise InferError(f"--verify takes widths from 2 to {WIDTHS[-1]}: a pass verifies at most {WIDTHS[-1] - 1} drafts")
-    plan = bench.Plan(args.shape, args.quant, path, dtype, args.sparse, args.prompt_tokens, args.gen_tokens,
+    sparse = dict(mode=args.sparse, kernel_size=args.summary_size, kernel_stride=args.summary_stride)
+    sparse_config(None, **sparse)  # a bad value fails now, not after the weights are made
+    plan = bench.Plan(args.shape, args.quant, path, dtype, sparse, args.prompt_tokens, args.gen_tokens,
                       args.depths, [1] + args.verify, not args.eager)
     parallel = bench.bench_group(plan, device, args.tp)
     if parallel is not None:
@@ -255,6 +258,7 @@ def cmd_bench_attention(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from infer.engine.config import SparseConfig
     from infer.engine.device import parse_device, parse_dtype
     from infer.engine.measure import bench
     from infer.engine.measure.checks import attention_checks
@@ -263,6 +267,8 @@ def cmd_bench_attention(args) -> None:
         raise InferError("--check goes with --attention")
     if args.tp != 1:
         raise ParameterError("tp", "splits a model's rows; bench --attention times one attention layer on one GPU")
+    summaries = dict(kernel_size=args.summary_size, kernel_stride=args.summary_stride)
+    s = SparseConfig(**{k: v for k, v in summaries.items() if v is not None})
     device = parse_device(args.device)
     if device.type != "cuda":
         raise InferError("bench --attention measures the CUDA kernels: it needs a CUDA GPU")
@@ -280,12 +286,13 @@ def cmd_bench_attention(args) -> None:
     rows = []
     for n in args.context:
         print(f"measuring one attention layer at {n} tokens ...", file=sys.stderr, flush=True)
-        rows.append(bench.attention_row(n, chunk=args.chunk, dtype=dtype, device=device))
+        rows.append(bench.attention_row(n, s, chunk=args.chunk, dtype=dtype, device=device))
     if args.json:
         print(json.dumps({"checks": [asdict(c) for c in checks], "rows": [_nan_to_none(asdict(r)) for r in rows]}))
         return
     table = Table(title=f"one attention layer, Hq 32, Hkv 8, d 128, {dtype}, random q/k/v, {_device_name(device)}; "
-                        f"sparse: kernel 32, stride 16, block 64, top-k 64, init 1, window 2048; "
+                        f"sparse: kernel {s.kernel_size}, stride {s.kernel_stride}, block {s.block_size}, "
+                        f"top-k {s.topk}, init {s.init_blocks}, window {s.window_size}; "
                         f"prefill in {args.chunk}-query chunks")
     table.add_column("")
     for r in rows:
@@ -528,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-d", "--depths", type=_int_list, default=[0], help="cached tokens before decoding, comma-separated")
     bench.add_argument("--sparse", choices=("auto", "on", "off"), default="auto",
                        help="block-sparse attention as in the engine (default auto: sparse past 8192 tokens)")
+    bench.add_argument("--summary-size", type=int, metavar="N",
+                       help="keys averaged into one pooled summary that scores the sparse blocks (default 32)")
+    bench.add_argument("--summary-stride", type=int, metavar="N", help="tokens between summaries (default 16)")
     bench.add_argument("--verify", type=_int_list, default=[], metavar="WIDTHS",
                        help="also time verification passes of these many tokens (k drafts + 1), comma-separated: vN rows count passes")
     bench.add_argument("--eager", action="store_true", help="decode eagerly instead of replaying CUDA graphs")

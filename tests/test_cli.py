@@ -107,13 +107,26 @@ def test_bench_refuses_verification_widths_the_engine_never_runs(widths):
 
 
 def test_bench_with_sparse_attention_runs_on_cpu_without_the_triton_interpreter():
-    """The bench's cache at depth is pooled by the torch reference off CUDA (Triton kernels need a GPU there)."""
+    """The bench's cache at depth is pooled by the torch reference off CUDA (Triton kernels need a GPU there); the
+    summary flags set its summaries (finer ones: more bytes read per token)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = ["bench", "--shape", "smollm2-135m", "-p", "16", "-n", "2", "-d", "40", "--sparse", "on", "--json",
             "--device", "cpu"]
-    out = subprocess.run([sys.executable, "-m", "infer.cli.main", *args], capture_output=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr.decode()[-2000:]
-    assert [(r["test"], r["depth"]) for r in json.loads(out.stdout)] == [("pp16", 0), ("tg2", 40)]
+    rows = {}
+    for summaries in ([], ["--summary-size", "16", "--summary-stride", "8"]):
+        out = subprocess.run([sys.executable, "-m", "infer.cli.main", *args, *summaries], capture_output=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stderr.decode()[-2000:]
+        rows[len(summaries)] = json.loads(out.stdout)
+        assert [(r["test"], r["depth"]) for r in rows[len(summaries)]] == [("pp16", 0), ("tg2", 40)]
+    assert rows[4][1]["bytes_per_token"] > rows[0][1]["bytes_per_token"]
+
+
+def test_bench_names_a_bad_summary_flag():
+    assert_one_line_error(infer("bench", "--shape", "smollm2-135m", "--device", "cpu", "--summary-stride", "0"),
+                          "--summary-stride")
+    assert_one_line_error(infer("bench", "--attention", "--summary-size", "8", "--summary-stride", "16"),
+                          "--summary-stride", "--summary-size")
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve", "eval"])

@@ -147,7 +147,7 @@ class Plan:
     quant: str | None  # --quant of the random weights
     path: Path | None  # a checkpoint instead of the shape
     dtype: torch.dtype
-    sparse: str  # the sparse mode
+    sparse: dict  # SparseConfig overrides: the mode, and the summaries' size and stride (None: the model's)
     prompt_tokens: list[int]  # a ppN row each
     gen_tokens: int
     depths: list[int]
@@ -160,7 +160,7 @@ class Plan:
         return random_model(self.shape, device, self.dtype, self.quant, parallel)
 
     def rows(self, model: Transformer) -> list[BenchRow]:
-        sparse = sparse_config(model.cfg.sparse, mode=self.sparse)
+        sparse = sparse_config(model.cfg.sparse, **self.sparse)
         rows = [run_prefill(model, n, sparse, graphs=self.graphs) for n in self.prompt_tokens]
         return rows + [run_decode(model, self.gen_tokens, d, sparse, self.graphs, width)
                        for width in self.widths for d in self.depths]
