@@ -308,7 +308,11 @@ class Engine:
             drafts, q = [], None
             if room >= 0:  # else the caller stops at this token: context full
                 began = time.perf_counter()
-                drafts, q = self.speculator.propose(self.tokens + [token], room, sampler)
+                self.tokens.append(token)  # the drafters' context, for this call only (a copy costs O(context))
+                try:
+                    drafts, q = self.speculator.propose(self.tokens, room, sampler)
+                finally:
+                    self.tokens.pop()
                 self.stats.draft_seconds += time.perf_counter() - began
             if not drafts:
                 yield from accepted
