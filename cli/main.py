@@ -57,15 +57,20 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="KV blocks each query attends, sink and local window included (default 64)")
     g.add_argument("--block-size", type=int, metavar="N", help="tokens per KV block (default 64)")
     g.add_argument("--window", type=int, metavar="N", help="trailing tokens always attended (default 2048)")
+    add_summary_flags(g)
+    g.add_argument("--dense-len", type=int, metavar="N",
+                   help="contexts up to this many tokens stay dense in auto mode (default 8192)")
+    g.add_argument("--use-nope", action="store_true", default=None,
+                   help="score the blocks with queries and keys before RoPE (default: the model's sparse_config)")
+
+
+def add_summary_flags(g) -> None:
+    """The pooled key summaries that score the sparse blocks (read by summary_overrides)."""
     g.add_argument("--summary-size", type=int, metavar="N",
                    help="keys averaged into one pooled summary, which scores the blocks it overlaps (default 32)")
     g.add_argument("--summary-stride", type=int, metavar="N",
                    help="tokens between summaries (default 16); 8 with --summary-size 16 finds more needles among "
                         "distractors at about 1.5x the attention's decode cost at 128K (BENCHMARKS.md)")
-    g.add_argument("--dense-len", type=int, metavar="N",
-                   help="contexts up to this many tokens stay dense in auto mode (default 8192)")
-    g.add_argument("--use-nope", action="store_true", default=None,
-                   help="score the blocks with queries and keys before RoPE (default: the model's sparse_config)")
 
 
 def add_tp_flag(p: argparse.ArgumentParser) -> None:
@@ -119,10 +124,13 @@ def sampling_overrides(args) -> dict:
     return overrides
 
 
+def summary_overrides(args) -> dict:
+    return dict(kernel_size=args.summary_size, kernel_stride=args.summary_stride)
+
+
 def sparse_overrides(args) -> dict:
     return dict(mode=args.sparse, topk=args.sparse_topk, block_size=args.block_size, window_size=args.window,
-                kernel_size=args.summary_size, kernel_stride=args.summary_stride, dense_len=args.dense_len,
-                use_nope=args.use_nope)
+                dense_len=args.dense_len, use_nope=args.use_nope, **summary_overrides(args))
 
 
 def load_engine(args, sparse: dict | None = None, variants: list[dict] = ()):
@@ -224,7 +232,7 @@ def cmd_bench(args) -> None:
         title = f"{args.shape} (random weights{', ' + args.quant if args.quant else ''})"
     if any(not 2 <= width <= WIDTHS[-1] for width in args.verify):
         raise InferError(f"--verify takes widths from 2 to {WIDTHS[-1]}: a pass verifies at most {WIDTHS[-1] - 1} drafts")
-    sparse = dict(mode=args.sparse, kernel_size=args.summary_size, kernel_stride=args.summary_stride)
+    sparse = dict(mode=args.sparse, **summary_overrides(args))
     sparse_config(None, **sparse)  # a bad value fails now, not after the weights are made
     plan = bench.Plan(args.shape, args.quant, path, dtype, sparse, args.prompt_tokens, args.gen_tokens,
                       args.depths, [1] + args.verify, not args.eager)
@@ -258,7 +266,7 @@ def cmd_bench_attention(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from infer.engine.config import SparseConfig
+    from infer.engine.config import sparse_config
     from infer.engine.device import parse_device, parse_dtype
     from infer.engine.measure import bench
     from infer.engine.measure.checks import attention_checks
@@ -267,8 +275,7 @@ def cmd_bench_attention(args) -> None:
         raise InferError("--check goes with --attention")
     if args.tp != 1:
         raise ParameterError("tp", "splits a model's rows; bench --attention times one attention layer on one GPU")
-    summaries = dict(kernel_size=args.summary_size, kernel_stride=args.summary_stride)
-    s = SparseConfig(**{k: v for k, v in summaries.items() if v is not None})
+    s = sparse_config(None, **summary_overrides(args))
     device = parse_device(args.device)
     if device.type != "cuda":
         raise InferError("bench --attention measures the CUDA kernels: it needs a CUDA GPU")
@@ -535,9 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-d", "--depths", type=_int_list, default=[0], help="cached tokens before decoding, comma-separated")
     bench.add_argument("--sparse", choices=("auto", "on", "off"), default="auto",
                        help="block-sparse attention as in the engine (default auto: sparse past 8192 tokens)")
-    bench.add_argument("--summary-size", type=int, metavar="N",
-                       help="keys averaged into one pooled summary that scores the sparse blocks (default 32)")
-    bench.add_argument("--summary-stride", type=int, metavar="N", help="tokens between summaries (default 16)")
+    add_summary_flags(bench)
     bench.add_argument("--verify", type=_int_list, default=[], metavar="WIDTHS",
                        help="also time verification passes of these many tokens (k drafts + 1), comma-separated: vN rows count passes")
     bench.add_argument("--eager", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
