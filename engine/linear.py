@@ -43,10 +43,12 @@ class Shard:
 def load_weight(data: torch.Tensor, qtype: quant.QuantType, shape: tuple[int, ...], device: torch.device,
                 dtype: torch.dtype, packed: bool, shard: Shard | None = None) -> tuple[torch.Tensor, quant.QuantType | None]:
     """A weight of full `shape` from its GGML bytes data uint8 [rows, row_bytes]: (the tensor to hold, its QuantType
-    or None for a dense one), only `shard` of it when given. Quantized types stay in their blocks when `packed`
+    or None for a dense one), only `shard` of it when given. Quantized types stay in their blocks (in the kernels'
+    layout, quant.to_kernel_layout) when `packed`
     (and the shard cuts whole blocks); float types, and the rest, become dense tensors of `dtype`."""
     if packed and qtype.block_elems > 1 and (shard is None or shard.whole_blocks(qtype)):
-        return (data if shard is None else shard.of_blocks(data, qtype)).contiguous().to(device), qtype
+        data = (data if shard is None else shard.of_blocks(data, qtype)).contiguous().to(device)
+        return quant.to_kernel_layout(data, qtype), qtype
     weight = quant.reference(data, qtype).reshape(shape)
     return (weight if shard is None else shard.of(weight)).contiguous().to(device=device, dtype=dtype), None
 

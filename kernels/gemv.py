@@ -18,7 +18,11 @@ decode step slower (BENCHMARKS.md).
 `gemv` (T = 1): each program owns BLOCK_N rows of W. A dense W is walked in BLOCK_K steps multiply-adding into a
 fp32 [BLOCK_N, BLOCK_K] tile summed once at the end; a packed W in groups of NB blocks decoded in registers by
 quant.decode, each of its two halves multiplied by x read at its columns and added up in the shape it was decoded
-in. `skinny_gemm` (T = 2..16, packed W): each decoded half serves all T rows through tl.dot.
+in. Except where `integer_dot` (Q4_K, Q6_K and Q8_0 rows of aligned words): there x is rounded to 8 bits per 32
+elements first (quant.round_x) and the groups meet it in integer dot products (quant.dot), as llama.cpp's GPU decode
+does, 1.6-1.8x faster on an H200 (BENCHMARKS.md); the result is then `reference` of x_hat =
+quant.round_x_reference(x), not of x. `skinny_gemm` (T = 2..16, packed W): each decoded half serves all T rows
+through tl.dot.
 """
 
 import torch
@@ -34,15 +38,16 @@ SKINNY_MAX_ROWS = 16  # the most rows skinny_gemm takes: one tensor-core tile of
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
               residual: torch.Tensor | None = None, residual_scale: float = 1.0, qtype=None) -> torch.Tensor:
     """x [T, K] (or [T, 2K] gated), weight [N, K] or, with qtype (a quant type code, name or QuantType), uint8
-    [N, row_bytes] -> [T, N]. A packed weight is dequantized a chunk of rows at a time, so that a large layer
-    never exists in fp32 as a whole."""
+    [N, row_bytes] in quant's kernel layout -> [T, N]. A packed weight is dequantized a chunk of rows at a time, so
+    that a large layer never exists in fp32 as a whole."""
     if gated:
         x = activation.reference(x)
     if qtype is None:
         y = x.float() @ weight.float().T  # [T, N]
     else:
         chunk = max(1, _REFERENCE_CHUNK // quant.quant_type(qtype).row_elems(weight.shape[1]))
-        y = torch.cat([x.float() @ quant.reference(w, qtype).T for w in weight.split(chunk)], dim=1)  # [T, N]
+        y = torch.cat([x.float() @ quant.reference(quant.from_kernel_layout(w, qtype), qtype).T
+                       for w in weight.split(chunk)], dim=1)  # [T, N]
     if bias is not None:
         y = y + bias.float()
     y = y.to(x.dtype)
@@ -166,21 +171,47 @@ def _packed_gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, row
     # Unlike the dense loop, no group is decoded ahead of its use: compiled for an H200, that pipelining gave wrong
     # sums for the types with an offset (d * q + m), and was slower.
     pdl.enter(PDL)
-    low, low_cols, high, high_cols = quant.decode(w_ptr, row_off, 0, row_mask, QTYPE, NB)  # group 0
+    low, low_cols, high, high_cols = quant.decode(w_ptr, row_off, 0, row_mask, QTYPE, NB, n_blocks)  # group 0
     acc_low = low * _x_at(x_ptr, K, low_cols, None, GATED)  # [BLOCK_N, NB, ...]
     acc_high = high * _x_at(x_ptr, K, high_cols, None, GATED)
     for g in range(1, n_groups):
-        low, _, high, _ = quant.decode(w_ptr, row_off, g * NB, row_mask, QTYPE, NB)
+        low, _, high, _ = quant.decode(w_ptr, row_off, g * NB, row_mask, QTYPE, NB, n_blocks)
         acc_low += low * _x_at(x_ptr, K, g * GROUP + low_cols, None, GATED)
         acc_high += high * _x_at(x_ptr, K, g * GROUP + high_cols, None, GATED)
     y = _row_sums(acc_low) + _row_sums(acc_high)  # [BLOCK_N]
     for block in range(n_groups * NB, n_blocks):  # the last n_blocks % NB blocks, one at a time
         # (names of their own: a loop's variables keep one shape, and these blocks' differs from the groups')
-        one_low, one_low_cols, one_high, one_high_cols = quant.decode(w_ptr, row_off, block, row_mask, QTYPE, 1)
+        one_low, one_low_cols, one_high, one_high_cols = quant.decode(w_ptr, row_off, block, row_mask, QTYPE, 1,
+                                                                          n_blocks)
         one_x_low = _x_at(x_ptr, K, block * BLOCK_ELEMS + one_low_cols, None, GATED)
         one_x_high = _x_at(x_ptr, K, block * BLOCK_ELEMS + one_high_cols, None, GATED)
         y += _row_sums(one_low * one_x_low) + _row_sums(one_high * one_x_high)
     y = _epilogue(y, rows, rows, row_mask, b_ptr, r_ptr, out_ptr, residual_scale, dtype, HAS_BIAS, RESIDUAL)
+    if ARGMAX:
+        _pack_argmax(y, rows, row_mask, N, best_ptr, SLOTS)
+
+
+@triton.jit
+def _dot_gemv_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_ptr, N, K, row_bytes, residual_scale,
+                     DTYPE: tl.constexpr, QTYPE: tl.constexpr, BLOCK_ELEMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     RESIDUAL: tl.constexpr, ARGMAX: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     NB: tl.constexpr, HARDWARE: tl.constexpr, PDL: tl.constexpr):
+    # The packed GEMV of x rounded by quant.round_x (xq_ptr its int8 values as int32 words, xd_ptr and xs_ptr its
+    # scales and sums); DTYPE is x's dtype, which the output is rounded to.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    row_mask = rows < N
+    row_off = rows.to(tl.int64) * row_bytes  # [BLOCK_N]
+    n_blocks = K // BLOCK_ELEMS
+    n_groups = n_blocks // NB
+    pdl.enter(PDL)
+    acc = quant.dot(w_ptr, row_off, 0, row_mask, QTYPE, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+    for g in range(1, n_groups):
+        acc += quant.dot(w_ptr, row_off, g * NB, row_mask, QTYPE, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+    y = _row_sums(acc)  # [BLOCK_N]
+    for block in range(n_groups * NB, n_blocks):  # the last n_blocks % NB blocks, one at a time
+        y += _row_sums(quant.dot(w_ptr, row_off, block, row_mask, QTYPE, 1, n_blocks, xq_ptr, xd_ptr, xs_ptr,
+                                 HARDWARE))
+    y = _epilogue(y, rows, rows, row_mask, b_ptr, r_ptr, out_ptr, residual_scale, DTYPE, HAS_BIAS, RESIDUAL)
     if ARGMAX:
         _pack_argmax(y, rows, row_mask, N, best_ptr, SLOTS)
 
@@ -219,12 +250,23 @@ def group_blocks(n_blocks: int, max_blocks: int) -> int:
                key=lambda nb: (n_blocks // nb + n_blocks % nb, -nb))
 
 
-def packed_tile(qt: quant.QuantType) -> tuple[int, int]:
-    """(block_n, block_k) of the packed GEMV for qt: rows per program, and elements of each row per step (the
-    best of a sweep on an H200 at the Llama-3-8B shapes, BENCHMARKS.md)."""
-    if qt.name in ("Q6_K", "Q8_0"):
-        return 8, 512
-    return (4, 1024) if qt.block_elems == 256 else (4, 512)
+def packed_tile(qt: quant.QuantType) -> tuple[int, int, int]:
+    """(block_n, block_k, num_warps) of the packed GEMV for qt: rows per program, elements of each row per step,
+    and warps (the best of sweeps on an H200 at the Llama-3-8B shapes, BENCHMARKS.md)."""
+    dot_tiles = {"Q4_K": (4, 1024, 2), "Q6_K": (4, 512, 2), "Q8_0": (4, 1024, 4)}
+    if qt.name in dot_tiles:
+        return dot_tiles[qt.name]
+    return (4, 1024, 4) if qt.block_elems == 256 else (4, 512, 4)
+
+
+def integer_dot(qt: quant.QuantType, row_bytes: int) -> bool:
+    """Whether the one-row GEMV of a weight of rows of row_bytes bytes of qt runs the integer dot products: for
+    quant.DOT_TYPES whose rows keep their quant words 4-byte aligned (a Q8_0 or Q6_K row of an odd number of blocks
+    does not: Qwen2.5-0.5B's down projection, 19 Q6_K blocks, runs the float decoders)."""
+    return qt.name in quant.DOT_TYPES and row_bytes % 4 == 0
+
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _packed_shape(weight: torch.Tensor, qtype) -> tuple[quant.QuantType, int, int]:
@@ -238,38 +280,43 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          residual: torch.Tensor | None = None, residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None, qtype=None, block_n: int | None = None,
          block_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """`reference` for x [1, K] (or [1, 2K] gated) with a contiguous last dim; weight [N, K] contiguous, or with
-    qtype uint8 [N, row_bytes] contiguous; residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the
+    """`reference` for x [1, K] (or [1, 2K] gated; of x_hat where `integer_dot`, see above) with a contiguous last
+    dim; weight [N, K] contiguous, or with qtype uint8 [N, row_bytes] contiguous in quant's kernel layout; residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the
     output's argmax into; out_dtype: the output's dtype (default x's; the values are rounded to x's dtype either
     way: float32 saves logits a cast). A program reads block_n rows, block_k elements of each per step (packed:
     NB = group_blocks(blocks of a row, block_k // block_elems) blocks); they default to 4 and 1024, or to
     packed_tile for a packed weight. Warps default to 4, or 8 for a dense weight when gated (the SiLU of each x
-    tile; faster in the decode step, BENCHMARKS.md; 4 stay faster for a packed one)."""
-    num_warps = num_warps or (8 if gated and qtype is None else 4)
+    tile; faster in the decode step, BENCHMARKS.md), or packed_tile's."""
     if qtype is None:
         N, K = weight.shape
         assert weight.is_contiguous()
-        tile = (4, 1024)
+        tile = (4, 1024, 8 if gated else 4)
     else:
         qt, N, K = _packed_shape(weight, qtype)
         tile = packed_tile(qt)
-    block_n, block_k = block_n or tile[0], block_k or tile[1]
+    block_n, block_k, num_warps = block_n or tile[0], block_k or tile[1], num_warps or tile[2]
     assert x.shape == (1, 2 * K if gated else K) and x.stride(1) == 1
     assert residual is None or (residual.shape == (1, N) and residual.is_contiguous())
     assert argmax is None or (argmax.shape == (ARGMAX_SLOTS,) and argmax.dtype == torch.int64)
     out = torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device)  # [1, N]
     common = (weight if bias is None else bias, weight if residual is None else residual, out,
               out if argmax is None else argmax)
-    flags = dict(HAS_BIAS=bias is not None, GATED=gated, RESIDUAL=residual is not None, ARGMAX=argmax is not None,
+    flags = dict(HAS_BIAS=bias is not None, RESIDUAL=residual is not None, ARGMAX=argmax is not None,
                  SLOTS=ARGMAX_SLOTS, BLOCK_N=block_n, num_warps=num_warps, **pdl.launch(x.device))
     grid = (triton.cdiv(N, block_n),)
     if qtype is None:
-        _gemv_kernel[grid](x, weight, *common, N, K, residual_scale,
+        _gemv_kernel[grid](x, weight, *common, N, K, residual_scale, GATED=gated,
                            BLOCK_K=min(block_k, triton.next_power_of_2(K)), **flags)
+        return out
+    nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
+    if integer_dot(qt, weight.shape[1]):
+        xq, xd, xs = quant.round_x(x, gated)  # [K] int8, [K / 32], [K / 16]
+        _dot_gemv_kernel[grid](xq.view(torch.int32), xd, xs, weight, *common, N, K, weight.shape[1], residual_scale,
+                               DTYPE=_TRITON_DTYPES[x.dtype], QTYPE=qt.name, BLOCK_ELEMS=qt.block_elems, NB=nb,
+                               HARDWARE=x.is_cuda, **flags)
     else:
-        nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
         _packed_gemv_kernel[grid](x, weight, *common, N, K, weight.shape[1], residual_scale, QTYPE=qt.name,
-                                  BLOCK_ELEMS=qt.block_elems, NB=nb, **flags)
+                                  BLOCK_ELEMS=qt.block_elems, GATED=gated, NB=nb, **flags)
     return out
 
 
@@ -310,11 +357,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, N, K, row_bytes,
     pdl.enter(PDL)
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     for g in range(0, n_groups):  # as in the one-row kernel, each group decoded where it is used
-        low, low_cols, high, high_cols = quant.decode(w_ptr, row_off, g * NB, n_mask, QTYPE, NB)
+        low, low_cols, high, high_cols = quant.decode(w_ptr, row_off, g * NB, n_mask, QTYPE, NB, n_blocks)
         acc = _multiply_add_half(x_rows, K, g * GROUP, t_mask, low, low_cols, acc, dtype)
         acc = _multiply_add_half(x_rows, K, g * GROUP, t_mask, high, high_cols, acc, dtype)
     for block in range(n_groups * NB, n_blocks):  # the last n_blocks % NB blocks, one at a time
-        one_low, one_low_cols, one_high, one_high_cols = quant.decode(w_ptr, row_off, block, n_mask, QTYPE, 1)
+        one_low, one_low_cols, one_high, one_high_cols = quant.decode(w_ptr, row_off, block, n_mask, QTYPE, 1, n_blocks)
         acc = _multiply_add_half(x_rows, K, block * BLOCK_ELEMS, t_mask, one_low, one_low_cols, acc, dtype)
         acc = _multiply_add_half(x_rows, K, block * BLOCK_ELEMS, t_mask, one_high, one_high_cols, acc, dtype)
     _epilogue(acc, n[None, :], t[:, None] * N + n[None, :], t_mask & n_mask[None, :], b_ptr, r_ptr, out_ptr,

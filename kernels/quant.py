@@ -1,9 +1,11 @@
 """GGUF (GGML) weight blocks: the supported types, exact dequantization in torch, and Triton block decoders.
 
-A 2-D weight of N rows of K elements stays in the file's own layout: uint8 [N, K // block_elems * block_bytes],
-each row its blocks back to back (GGUF stores rows contiguously, so a tensor's raw bytes reshape to this). F32,
-F16 and BF16 are "blocks" of one element to the reference (the loader keeps those weights dense: no kernel decodes
-them).
+A 2-D weight of N rows of K elements is uint8 [N, K // block_elems * block_bytes], each row its blocks back to
+back (GGUF stores rows contiguously, so a tensor's raw bytes reshape to this): the file's layout, which `reference`
+reads. The kernels read the kernel layout (`to_kernel_layout`): the same for every type but Q8_0 and Q6_K, whose
+blocks (34 and 210 bytes) leave their quants only 2-byte aligned; there each block's fp16 scale d moves to the end
+of its row, so that the quants can be read as aligned 32-bit words. F32, F16 and BF16 are "blocks" of one element
+to the reference (the loader keeps those weights dense: no kernel decodes them).
 
 Semantics (`reference`): the float32 values gguf-py's `gguf.quants.dequantize` gives, bit for bit, computed with
 the same float32 operations in the same order. Every product in these formats is exact in float32: it has at most
@@ -30,6 +32,7 @@ import triton
 import triton.language as tl
 
 from infer.engine.errors import InferError
+from infer.kernels import activation, pdl
 
 
 @dataclass(frozen=True)
@@ -256,11 +259,41 @@ def random_blocks(qtype, rows: int, cols: int, device: torch.device, std: float 
     return blocks.reshape(rows, -1)
 
 
+SCALE_MOVED_FROM = {"Q8_0": 0, "Q6_K": 208}  # the types whose kernel layout moves d, and where a block holds it
+
+
+def to_kernel_layout(data: torch.Tensor, qtype) -> torch.Tensor:
+    """Blocks uint8 [N, row_bytes] in the file's layout -> the kernel layout (new, same shape): for Q8_0 and Q6_K
+    a row becomes its blocks without their d (32 and 208 bytes each: their quants 4-byte aligned), then the
+    blocks' d in block order; other types are returned as they are."""
+    qt = quant_type(qtype)
+    at = SCALE_MOVED_FROM.get(qt.name)
+    if at is None:
+        return data
+    blocks = data.reshape(data.shape[0], -1, qt.block_bytes)  # [N, n_blocks, block_bytes]
+    body = torch.cat([blocks[..., :at], blocks[..., at + 2:]], dim=-1)  # [N, n_blocks, block_bytes - 2]
+    return torch.cat([body.flatten(1), blocks[..., at:at + 2].flatten(1)], dim=1)
+
+
+def from_kernel_layout(data: torch.Tensor, qtype) -> torch.Tensor:
+    """The inverse of to_kernel_layout."""
+    qt = quant_type(qtype)
+    at = SCALE_MOVED_FROM.get(qt.name)
+    if at is None:
+        return data
+    N, row_bytes = data.shape
+    n_blocks = row_bytes // qt.block_bytes
+    body = data[:, :n_blocks * (qt.block_bytes - 2)].reshape(N, n_blocks, qt.block_bytes - 2)
+    d = data[:, n_blocks * (qt.block_bytes - 2):].reshape(N, n_blocks, 2)
+    return torch.cat([body[..., :at], d, body[..., at:]], dim=-1).reshape(N, row_bytes)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Triton decoders. Each takes w_ptr (uint8), row_off [BLOCK_N] int64 byte offsets of the rows, block (the first
-# block index decoded, the same for every row), row_mask [BLOCK_N] and NB (constexpr, a power of two: blocks per
-# call). Blocks block .. block + NB - 1 must lie in the row (a caller whose row length is no multiple of NB blocks
-# walks the rest with NB=1); masked rows decode to zeros. Each returns the values in two halves, as the bytes hold
+# Triton decoders, of the kernel layout. Each takes w_ptr (uint8), row_off [BLOCK_N] int64 byte offsets of the rows,
+# block (the first block index decoded, the same for every row), row_mask [BLOCK_N], NB (constexpr, a power of two:
+# blocks per call) and n_blocks (a row's blocks: where Q8_0's and Q6_K's scales begin). Blocks block .. block +
+# NB - 1 must lie in the row (a caller whose row length is no multiple of NB blocks walks the rest with NB=1);
+# masked rows decode to zeros. Each returns the values in two halves, as the bytes hold
 # them (a byte's low and high nibbles; Q8_0's first and last blocks), with each value's element index relative
 # to block * block_elems:
 #     low fp32 [BLOCK_N, NB, ...], low_cols int32 [1, NB, ...], high fp32 and high_cols of the same shapes.
@@ -286,27 +319,27 @@ def _blocks32(w_ptr, row_off, block, row_mask, NB: tl.constexpr, BYTES: tl.const
 
 
 @triton.jit
-def decode_q8_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
-    # d fp16 @0 | qs int8[32] @2: element i = qs[i] * d. Halves: the first and the last NB / 2 blocks, each block's
-    # quants one 32-byte run (read so, the GEMV ran up to 1.7x faster than reading 16 + 16 bytes); for NB = 1 the
-    # block's first and last 16 quants.
+def decode_q8_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
+    # Kernel layout: block b's qs int8[32] at 32 b, its d fp16 at 32 n_blocks + 2 b: element i = qs[i] * d.
+    # Halves: the first and the last NB / 2 blocks, each block's quants one 32-byte run (read so, the GEMV ran up to
+    # 1.7x faster than reading 16 + 16 bytes); for NB = 1 the block's first and last 16 quants.
     HALF: tl.constexpr = NB // 2 if NB > 1 else 1  # blocks in a half
     WIDTH: tl.constexpr = 32 if NB > 1 else 16  # quants of a block in a half
-    HIGH: tl.constexpr = HALF * 34 if NB > 1 else 16  # bytes from a low quant to its high partner
+    HIGH: tl.constexpr = HALF if NB > 1 else 0  # blocks from a low quant's to its high partner's
     j = tl.arange(0, HALF)[None, :, None]  # [1, HALF, 1]
     i = tl.arange(0, WIDTH)[None, None, :]  # [1, 1, WIDTH]
-    base = w_ptr + row_off[:, None, None] + (block + j) * 34  # [BLOCK_N, HALF, 1]
+    row = w_ptr + row_off[:, None, None]  # [BLOCK_N, 1, 1]
     mask = row_mask[:, None, None]
-    d_low = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, HALF, 1]
-    d_high = _load(base, HIGH if NB > 1 else 0, mask, tl.float16).to(tl.float32)
-    low = _load(base, 2 + i, mask, tl.int8).to(tl.float32)  # [BLOCK_N, HALF, WIDTH]
-    high = _load(base, 2 + HIGH + i, mask, tl.int8).to(tl.float32)
+    d_low = _load(row, 32 * n_blocks + 2 * (block + j), mask, tl.float16).to(tl.float32)  # [BLOCK_N, HALF, 1]
+    d_high = _load(row, 32 * n_blocks + 2 * (block + j + HIGH), mask, tl.float16).to(tl.float32)
+    low = _load(row, 32 * (block + j) + i, mask, tl.int8).to(tl.float32)  # [BLOCK_N, HALF, WIDTH]
+    high = _load(row, 32 * (block + j + HIGH) + (0 if NB > 1 else 16) + i, mask, tl.int8).to(tl.float32)
     col = j * 32 + i  # [1, HALF, WIDTH]
     return low * d_low, col, high * d_high, col + (HALF * 32 if NB > 1 else 16)
 
 
 @triton.jit
-def decode_q4_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+def decode_q4_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
     # d fp16 @0 | qs[16] @2: byte i holds elements i (low nibble) and 16 + i (high nibble); d * (q - 8)
     base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 18)
     d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
@@ -315,7 +348,7 @@ def decode_q4_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
 
 
 @triton.jit
-def decode_q4_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+def decode_q4_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
     # d fp16 @0 | m fp16 @2 | qs[16] @4 (as Q4_0): d * q + m
     base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 20)
     d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
@@ -325,7 +358,7 @@ def decode_q4_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
 
 
 @triton.jit
-def decode_q5_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+def decode_q5_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
     # d fp16 @0 | qh u32 @2: bit i is bit 4 of element i | qs[16] @6 (as Q4_0): d * (q - 16).
     # qh is only 2-byte aligned: read as two u16, the top bits of elements 0-15 and of elements 16-31.
     base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 22)
@@ -339,7 +372,7 @@ def decode_q5_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
 
 
 @triton.jit
-def decode_q5_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+def decode_q5_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
     # d fp16 @0 | m fp16 @2 | qh u32 @4 | qs[16] @8 (as Q5_0): d * q + m.
     # qh is read as an int32: the arithmetic shift's sign bits never reach the bit kept by & 1.
     base, mask, i, col = _blocks32(w_ptr, row_off, block, row_mask, NB, 24)
@@ -381,7 +414,7 @@ def _blocks256(w_ptr, row_off, block, row_mask, NB: tl.constexpr, BYTES: tl.cons
 
 
 @triton.jit
-def decode_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+def decode_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
     # d fp16 @0 | dmin fp16 @2 | 8 six-bit (scale, min) pairs @4 (see _k_scales) | qs[128] @16: byte 32g + i holds
     # elements 64g + i (low nibble, sub-block 2g) and 64g + 32 + i (high nibble, sub-block 2g + 1);
     # element = (d * scale) * q - dmin * min
@@ -391,7 +424,7 @@ def decode_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
 
 
 @triton.jit
-def decode_q5_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
+def decode_q5_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
     # as Q4_K, with qh[32] @16: bit k of byte i is bit 4 of element 32k + i, so bits 2g and 2g + 1 of byte i
     # belong to qs byte 32g + i's low and high nibble | qs[128] @48
     base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, 176)
@@ -403,8 +436,9 @@ def decode_q5_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
 
 
 @triton.jit
-def decode_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
-    # ql[128] @0 | qh[64] @128 | scales int8[16] @192 | d fp16 @208 (see _ref_q6_k). ql is read as 8 runs u of 16
+def decode_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
+    # ql[128] @0 | qh[64] @128 | scales int8[16] @192 (see _ref_q6_k) of block b at 208 b, its d fp16 at
+    # 208 n_blocks + 2 b (the kernel layout). ql is read as 8 runs u of 16
     # bytes, u = 4h + 2k + t: byte 16u + i holds elements e = 128h + 32k + 16t + i (low nibble) and e + 64 (high
     # nibble), whose top 2 bits are bits 2k (and 2k + 4) of qh byte 32h + 16t + i (each qh run is read twice, for
     # k = 0 and 1), and whose scales are scales[e // 16] = scales[8h + 2k + t] (and scales[8h + 4 + 2k + t]).
@@ -412,9 +446,9 @@ def decode_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
     u = tl.arange(0, 8)[None, None, :, None]  # [1, 1, 8, 1]
     i = tl.arange(0, 16)[None, None, None, :]  # [1, 1, 1, 16]
     h, k, t = u // 4, (u // 2) % 2, u % 2
-    base = w_ptr + row_off[:, None, None, None] + (block + j) * 210  # [BLOCK_N, NB, 1, 1]
+    base = w_ptr + row_off[:, None, None, None] + (block + j) * 208  # [BLOCK_N, NB, 1, 1]
     mask = row_mask[:, None, None, None]
-    d = _load(base, 208, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1, 1]
+    d = _load(w_ptr + row_off[:, None, None, None], 208 * n_blocks + 2 * (block + j), mask, tl.float16).to(tl.float32)
     d_low = d * _load(base, 192 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)  # [BLOCK_N, NB, 8, 1]
     d_high = d * _load(base, 196 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)
     ql = _load(base, 16 * u + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 8, 16]
@@ -426,25 +460,25 @@ def decode_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr):
 
 
 @triton.jit
-def decode(w_ptr, row_off, block, row_mask, QTYPE: tl.constexpr, NB: tl.constexpr):
+def decode(w_ptr, row_off, block, row_mask, QTYPE: tl.constexpr, NB: tl.constexpr, n_blocks):
     """decode_<QTYPE>, QTYPE the name of a QuantType with blocks (block_elems > 1)."""
     if QTYPE == "Q8_0":
-        return decode_q8_0(w_ptr, row_off, block, row_mask, NB)
+        return decode_q8_0(w_ptr, row_off, block, row_mask, NB, n_blocks)
     elif QTYPE == "Q4_0":
-        return decode_q4_0(w_ptr, row_off, block, row_mask, NB)
+        return decode_q4_0(w_ptr, row_off, block, row_mask, NB, n_blocks)
     elif QTYPE == "Q4_1":
-        return decode_q4_1(w_ptr, row_off, block, row_mask, NB)
+        return decode_q4_1(w_ptr, row_off, block, row_mask, NB, n_blocks)
     elif QTYPE == "Q5_0":
-        return decode_q5_0(w_ptr, row_off, block, row_mask, NB)
+        return decode_q5_0(w_ptr, row_off, block, row_mask, NB, n_blocks)
     elif QTYPE == "Q5_1":
-        return decode_q5_1(w_ptr, row_off, block, row_mask, NB)
+        return decode_q5_1(w_ptr, row_off, block, row_mask, NB, n_blocks)
     elif QTYPE == "Q4_K":
-        return decode_q4_k(w_ptr, row_off, block, row_mask, NB)
+        return decode_q4_k(w_ptr, row_off, block, row_mask, NB, n_blocks)
     elif QTYPE == "Q5_K":
-        return decode_q5_k(w_ptr, row_off, block, row_mask, NB)
+        return decode_q5_k(w_ptr, row_off, block, row_mask, NB, n_blocks)
     else:
         tl.static_assert(QTYPE == "Q6_K")
-        return decode_q6_k(w_ptr, row_off, block, row_mask, NB)
+        return decode_q6_k(w_ptr, row_off, block, row_mask, NB, n_blocks)
 
 
 @triton.jit
@@ -464,7 +498,8 @@ def _dequantize_kernel(w_ptr, rows_ptr, out_ptr, N, row_bytes, K, QTYPE: tl.cons
     if GATHER:
         src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
     block = tl.program_id(1) * NB
-    low, low_cols, high, high_cols = decode(w_ptr, src.to(tl.int64) * row_bytes, block, row_mask, QTYPE, NB)
+    low, low_cols, high, high_cols = decode(w_ptr, src.to(tl.int64) * row_bytes, block, row_mask, QTYPE, NB,
+                                           K // BLOCK_ELEMS)
     out = out_ptr + rows.to(tl.int64)[:, None] * K + block * BLOCK_ELEMS  # [BLOCK_N, 1]
     _store_half(out, low, low_cols, row_mask)
     _store_half(out, high, high_cols, row_mask)
@@ -478,9 +513,9 @@ def _store_half(out, values, cols, row_mask):
 
 def dequantize(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None,
                block_n: int = 4, tile_elems: int = 1024) -> torch.Tensor:
-    """`reference` of data uint8 [N, row_bytes] (contiguous) of a type with blocks, or of its rows `rows` (int64
-    [R], for embedding lookups) -> [N or R, K] out_dtype. A program decodes block_n rows of up to tile_elems
-    elements: the most blocks, a power of two, that divide the row and fit."""
+    """`reference` of data uint8 [N, row_bytes] (contiguous, in the kernel layout) of a type with blocks, or of its
+    rows `rows` (int64 [R], for embedding lookups) -> [N or R, K] out_dtype. A program decodes block_n rows of up
+    to tile_elems elements: the most blocks, a power of two, that divide the row and fit."""
     qt = quant_type(qtype)
     assert data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and qt.block_elems > 1
     assert rows is None or (rows.dtype == torch.int64 and rows.dim() == 1)
@@ -494,3 +529,185 @@ def dequantize(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32
     _dequantize_kernel[grid](data, data if rows is None else rows, out, n_out, row_bytes, K, QTYPE=qt.name,
                              BLOCK_ELEMS=qt.block_elems, GATHER=rows is not None, BLOCK_N=block_n, NB=nb)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integer dot products (the one-row GEMV of Q4_K, Q6_K and Q8_0, as llama.cpp's MMVQ): x is rounded to 8 bits per
+# 32 elements once per layer (`round_x`), and each 32-bit word of quants meets 4 bytes of x in one dp4a (4 int8
+# products summed into an int32) instead of being decoded to floats. The result is exactly the weights' values
+# (`reference`) times x_hat (`round_x_reference`), up to the order of the fp32 sums: the integer sums are exact,
+# and each block's scales multiply them in fp32.
+
+DOT_TYPES = ("Q4_K", "Q6_K", "Q8_0")
+
+
+def round_x_reference(x: torch.Tensor) -> torch.Tensor:
+    """x_hat, the values the integer dot products multiply for x [K] (K a multiple of 32): per 32 elements, the
+    scale d = max|x| / 127 and x_hat = d * q, q = v rounded to nearest (halves up) in [-127, 127] for
+    v = x * (127 / max|x|) (0 where max|x| = 0); fp32 [K]. Every operation is exactly rounded (no sum that a
+    compiler could fuse with a product), so that round_x gives the same bits on any device."""
+    groups = x.float().reshape(-1, 32)  # [K / 32, 32]
+    amax = groups.abs().amax(-1, keepdim=True)
+    v = groups * torch.where(amax > 0, 127.0 / amax, 0.0)
+    low = torch.floor(v)
+    q = torch.where(v >= low + 0.5, low + 1, low).clamp(-127, 127)
+    return (q * (amax / 127.0)).reshape(-1)
+
+
+@triton.jit
+def _round_x_kernel(x_ptr, q_ptr, d_ptr, sums_ptr, K, GATED: tl.constexpr, GROUPS: tl.constexpr,
+                    PDL: tl.constexpr):
+    group = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)[:, None, None]  # [GROUPS, 1, 1] groups of 32
+    half = tl.arange(0, 2)[None, :, None]  # [1, 2, 1] their halves of 16
+    k = group * 32 + half * 16 + tl.arange(0, 16)[None, None, :]  # [GROUPS, 2, 16]
+    mask = k < K
+    pdl.enter(PDL)
+    x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
+        x = activation.silu_times(x, up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=2, keep_dims=True), axis=1, keep_dims=True)  # [GROUPS, 1, 1]
+    # as round_x_reference: divisions rounded to nearest (GPUs divide approximately by default)
+    scale = tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.where(amax > 0, amax, 1.0))
+    v = x * tl.where(amax > 0, scale, 0.0)
+    low = tl.floor(v)
+    q = tl.minimum(tl.maximum(tl.where(v >= low + 0.5, low + 1.0, low), -127.0), 127.0)
+    tl.store(q_ptr + k, q.to(tl.int8), mask=mask)
+    d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    group_mask = group * 32 < K
+    tl.store(d_ptr + group, d, mask=group_mask)
+    tl.store(sums_ptr + group * 2 + half, tl.sum(q, axis=2, keep_dims=True) * d, mask=group_mask)
+
+
+def round_x(x: torch.Tensor, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [1, K] (or [1, 2K] gated: silu(gate) * up, rounded to x's dtype as the activation kernel rounds it), K a
+    multiple of 32 -> (q int8 [K], d fp32 [K / 32], sums fp32 [K / 16]): x_hat = d * q per 32 elements as
+    `round_x_reference`, and each 16 elements' d * sum(q) (the offsets of Q4_K's mins and Q6_K's -32)."""
+    K = x.shape[-1] // (2 if gated else 1)
+    assert x.shape[0] == 1 and x.stride(-1) == 1 and K % 32 == 0
+    q = torch.empty(K, dtype=torch.int8, device=x.device)
+    d = torch.empty(K // 32, dtype=torch.float32, device=x.device)
+    sums = torch.empty(K // 16, dtype=torch.float32, device=x.device)
+    groups = 8
+    _round_x_kernel[(triton.cdiv(K // 32, groups),)](x, q, d, sums, K, GATED=gated, GROUPS=groups, num_warps=2,
+                                                     **pdl.launch(x.device))
+    return q, d, sums
+
+
+@triton.jit
+def dp4a(a, b, c, HARDWARE: tl.constexpr):
+    """c + the sum of the products of the 4 signed bytes of int32 a and b, element-wise: the GPU's dp4a
+    instruction, or the same in integer ops (the CPU interpreter)."""
+    if HARDWARE:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            c += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return c
+
+
+# Each dot_<type>(w_ptr, row_off, block, row_mask, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE) returns the
+# fp32 partial sums [BLOCK_N, NB, ...] of x_hat times blocks block .. block + NB - 1 of the rows (arguments as the
+# decoders'; xq_ptr the int32 words of round_x's q, xd_ptr its d, xs_ptr its sums). Every thread walks the words of
+# its (row, block, part) one load at a time, chaining its dp4a: the integer sums stay in the layout of the scales
+# they meet, with no reduction or layout conversion in the loop.
+
+
+@triton.jit
+def dot_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
+             HARDWARE: tl.constexpr):
+    # As 32-bit words, block b is [d | dmin] at 36 b, the scale words at 36 b + 1..3 (see _blocks256), and the
+    # quant word 8 g + w at 36 b + 4 + 8 g + w: its low nibbles are elements 64 g + 4 w .. + 3 (sub-block 2 g),
+    # its high nibbles the 32 after them (sub-block 2 g + 1).
+    j = tl.arange(0, NB)[None, :, None]  # [1, NB, 1]
+    g = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
+    mask = row_mask[:, None, None]
+    words = (w_ptr + row_off).to(tl.pointer_type(tl.int32))[:, None, None] + (block + j) * 36  # [BLOCK_N, NB, 1]
+    x_words = xq_ptr + (block + j) * 64 + 16 * g  # [1, NB, 4]
+    sum_low = tl.zeros([row_off.shape[0], NB, 4], dtype=tl.int32)
+    sum_high = tl.zeros([row_off.shape[0], NB, 4], dtype=tl.int32)
+    for w in tl.static_range(8):
+        q = tl.load(words + 4 + 8 * g + w, mask=mask, other=0)  # [BLOCK_N, NB, 4]
+        sum_low = dp4a(q & 0x0F0F0F0F, tl.load(x_words + w), sum_low, HARDWARE)
+        sum_high = dp4a((q >> 4) & 0x0F0F0F0F, tl.load(x_words + 8 + w), sum_high, HARDWARE)
+    d_and_min = tl.load(words, mask=mask, other=0)  # [BLOCK_N, NB, 1]
+    d = (d_and_min & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = (d_and_min >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    s = tl.load(words + 1, mask=mask, other=0)
+    m = tl.load(words + 2, mask=mask, other=0)
+    low = tl.load(words + 3, mask=mask, other=0)
+    scales = tl.where(g < 2, s & 0x3F3F3F3F, (low & 0x0F0F0F0F) | ((s >> 2) & 0x30303030))  # [BLOCK_N, NB, 4]
+    mins = tl.where(g < 2, m & 0x3F3F3F3F, ((low >> 4) & 0x0F0F0F0F) | ((m >> 2) & 0x30303030))
+    shift = 16 * (g % 2)
+    sub = (block + j) * 8 + 2 * g  # [1, NB, 4] sub-block 2g's index in the row
+    # element = (d * scale) * q - dmin * min: dot = d * scale * (x's d * sum(q * x's q)) - dmin * min * sum(x_hat)
+    x_sum_low = tl.load(xs_ptr + 2 * sub) + tl.load(xs_ptr + 2 * sub + 1)  # [1, NB, 4]
+    x_sum_high = tl.load(xs_ptr + 2 * sub + 2) + tl.load(xs_ptr + 2 * sub + 3)
+    low_sum = (d * ((scales >> shift) & 0xFF).to(tl.float32) * tl.load(xd_ptr + sub) * sum_low.to(tl.float32)
+               - dmin * ((mins >> shift) & 0xFF).to(tl.float32) * x_sum_low)
+    high_sum = (d * ((scales >> (shift + 8)) & 0xFF).to(tl.float32) * tl.load(xd_ptr + sub + 1)
+                * sum_high.to(tl.float32) - dmin * ((mins >> (shift + 8)) & 0xFF).to(tl.float32) * x_sum_high)
+    return low_sum + high_sum  # [BLOCK_N, NB, 4]
+
+
+@triton.jit
+def dot_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
+             HARDWARE: tl.constexpr):
+    # Kernel layout, as 32-bit words: block b's ql at 52 b, qh at 52 b + 32. Run u = 4h + 2k + t (of decode_q6_k)
+    # is ql words 4u .. 4u + 3, whose low nibbles are elements e = 128h + 32k + 16t + 4w .. + 3 and high nibbles
+    # e + 64, their top 2 bits in bits 2k (and 2k + 4) of qh word 8h + 4t + w's bytes.
+    j = tl.arange(0, NB)[None, :, None]  # [1, NB, 1]
+    u = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
+    h, k, t = u // 4, (u // 2) % 2, u % 2
+    mask = row_mask[:, None, None]
+    words = (w_ptr + row_off).to(tl.pointer_type(tl.int32))[:, None, None] + (block + j) * 52  # [BLOCK_N, NB, 1]
+    x_words = xq_ptr + (block + j) * 64 + 32 * h + 8 * k + 4 * t  # [1, NB, 8]
+    sum_low = tl.zeros([row_off.shape[0], NB, 8], dtype=tl.int32)
+    sum_high = tl.zeros([row_off.shape[0], NB, 8], dtype=tl.int32)
+    for w in tl.static_range(4):
+        ql = tl.load(words + 4 * u + w, mask=mask, other=0)  # [BLOCK_N, NB, 8]
+        qh = tl.load(words + 32 + 8 * h + 4 * t + w, mask=mask, other=0)
+        q_low = (ql & 0x0F0F0F0F) | (((qh >> (2 * k)) & 0x03030303) << 4)  # 4 quants 0..63
+        q_high = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * k + 4)) & 0x03030303) << 4)
+        sum_low = dp4a(q_low, tl.load(x_words + w), sum_low, HARDWARE)
+        sum_high = dp4a(q_high, tl.load(x_words + 16 + w), sum_high, HARDWARE)
+    row = w_ptr + row_off[:, None, None]  # [BLOCK_N, 1, 1]
+    d = _load(row, 208 * n_blocks + 2 * (block + j), mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
+    scale_low = _load(row, (block + j) * 208 + 192 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)
+    scale_high = _load(row, (block + j) * 208 + 196 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)
+    sixteen = (block + j) * 16 + 8 * h + 2 * k + t  # [1, NB, 8] the run's low 16 elements' index in the row
+    # element = (d * scale) * (q - 32): dot = d * scale * (x's d * sum(q * x's q) - 32 * sum(x_hat))
+    low_sum = scale_low * (tl.load(xd_ptr + sixteen // 2) * sum_low.to(tl.float32) - 32.0 * tl.load(xs_ptr + sixteen))
+    high_sum = scale_high * (tl.load(xd_ptr + (sixteen + 4) // 2) * sum_high.to(tl.float32)
+                             - 32.0 * tl.load(xs_ptr + sixteen + 4))
+    return d * (low_sum + high_sum)  # [BLOCK_N, NB, 8]
+
+
+@triton.jit
+def dot_q8_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
+             HARDWARE: tl.constexpr):
+    # Kernel layout, as 32-bit words: block b's quants are words 8 b .. 8 b + 7; its d the fp16 at byte
+    # 32 n_blocks + 2 b
+    j = tl.arange(0, NB)[None, :]  # [1, NB]
+    mask = row_mask[:, None]
+    words = (w_ptr + row_off).to(tl.pointer_type(tl.int32))[:, None] + (block + j) * 8  # [BLOCK_N, NB]
+    x_words = xq_ptr + (block + j) * 8  # [1, NB]
+    total = tl.zeros([row_off.shape[0], NB], dtype=tl.int32)
+    for w in tl.static_range(8):
+        total = dp4a(tl.load(words + w, mask=mask, other=0), tl.load(x_words + w), total, HARDWARE)
+    d = _load(w_ptr + row_off[:, None], 32 * n_blocks + 2 * (block + j), mask, tl.float16).to(tl.float32)
+    return d * tl.load(xd_ptr + block + j) * total.to(tl.float32)  # [BLOCK_N, NB]
+
+
+@triton.jit
+def dot(w_ptr, row_off, block, row_mask, QTYPE: tl.constexpr, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
+        HARDWARE: tl.constexpr):
+    """dot_<QTYPE>, QTYPE one of DOT_TYPES."""
+    if QTYPE == "Q4_K":
+        return dot_q4_k(w_ptr, row_off, block, row_mask, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+    elif QTYPE == "Q6_K":
+        return dot_q6_k(w_ptr, row_off, block, row_mask, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+    else:
+        tl.static_assert(QTYPE == "Q8_0")
+        return dot_q8_0(w_ptr, row_off, block, row_mask, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)

@@ -1,7 +1,7 @@
-"""The packed-weight kernels compile for an H200 (sm_90), checked on the CPU. The interpreter that runs the other
-kernel tests accepts what a compiled kernel rejects (a loop variable whose shape changes, say), so this compiles
-them, in a process without TRITON_INTERPRET (under it @triton.jit gives interpreted functions, which do not
-compile)."""
+"""The packed-weight kernels (the integer dot products' inline assembly too) compile for an H200 (sm_90), checked on
+the CPU. The interpreter that runs the other kernel tests accepts what a compiled kernel rejects (a loop variable
+whose shape changes, say), so this compiles them, in a process without TRITON_INTERPRET (under it @triton.jit gives
+interpreted functions, which do not compile)."""
 
 import os
 import subprocess
@@ -11,6 +11,7 @@ from test_quant import BLOCK_TYPES
 
 COMPILE = """
 import sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -36,10 +37,21 @@ for name in sys.argv[1:]:
                           "residual_scale": "fp32"},
                          dict(QTYPE=name, BLOCK_ELEMS=qt.block_elems, HAS_BIAS=True, RESIDUAL=True,
                               BLOCK_T=gemv.SKINNY_MAX_ROWS, BLOCK_N=16, NB=nb, PDL=True))
+        if name in quant.DOT_TYPES:
+            compile_for_sm90(gemv._dot_gemv_kernel,
+                             {"xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "w_ptr": "*u8", "b_ptr": "*bf16",
+                              "r_ptr": "*bf16", "out_ptr": "*bf16", "best_ptr": "*i64", "N": "i32", "K": "i32",
+                              "row_bytes": "i32", "residual_scale": "fp32"},
+                             dict(DTYPE=gemv._TRITON_DTYPES[torch.bfloat16], QTYPE=name, BLOCK_ELEMS=qt.block_elems,
+                                  HAS_BIAS=True, RESIDUAL=True, ARGMAX=True, SLOTS=gemv.ARGMAX_SLOTS, BLOCK_N=4,
+                                  NB=nb, HARDWARE=True, PDL=True))
         compile_for_sm90(quant._dequantize_kernel,
                          {"w_ptr": "*u8", "rows_ptr": "*i64", "out_ptr": "*bf16", "N": "i32", "row_bytes": "i32",
                           "K": "i32"},
                          dict(QTYPE=name, BLOCK_ELEMS=qt.block_elems, GATHER=True, BLOCK_N=4, NB=nb))
+for gated in (False, True):
+    compile_for_sm90(quant._round_x_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "d_ptr": "*fp32", "sums_ptr": "*fp32",
+                                             "K": "i32"}, dict(GATED=gated, GROUPS=8, PDL=True))
 """
 
 

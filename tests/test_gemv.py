@@ -72,27 +72,29 @@ def test_argmax_packed_by_the_gemv(N, block_n, ties):
 
 # Blocks per row and block_k of the packed tests: whole groups of NB blocks, then NB = 1 steps for the rest.
 RAGGED = {32: (5, 64), 256: (3, 512)}  # block_elems -> (blocks per row, block_k)
+WORDS = {32: (6, 128), 256: (6, 1024)}  # as RAGGED, and every Q8_0 / Q6_K row 4-byte aligned (gemv.integer_dot)
 # The distance in a block between the elements of a byte's low and high nibble (Q8_0: its two halves).
 NIBBLE_PARTNER = {"Q4_K": 32, "Q5_K": 32, "Q6_K": 64}
 
 
 def packed_weight(name: str, N: int, n_blocks: int, seed: int) -> torch.Tensor:
-    """uint8 [N, n_blocks * block_bytes]: tests/test_quant.py's random valid blocks with every fp16 scale drawn
-    from N(0, 1) / 256, so that fp16 outputs stay far inside fp16's range."""
+    """uint8 [N, n_blocks * block_bytes] in the kernel layout: tests/test_quant.py's random valid blocks with every
+    fp16 scale drawn from N(0, 1) / 256, so that fp16 outputs stay far inside fp16's range."""
     qt = quant.quant_type(name)
     gen = torch.Generator().manual_seed(seed)
     blocks = random_blocks(name, N, n_blocks, seed).reshape(N, n_blocks, qt.block_bytes)
     for at in FP16_FIELDS[name]:
         scales = (torch.randn(N, n_blocks, generator=gen) / 256).half()
         blocks[..., at:at + 2] = scales[..., None].view(torch.uint8)
-    return blocks.reshape(N, -1)
+    return quant.to_kernel_layout(blocks.reshape(N, -1), name)
 
 
-def packed_inputs(name, N, T, dtype, gated=False, bias=False, residual=False, residual_scale=1.0, seed=0):
-    """gemv / skinny_gemm / reference arguments for T rows of x over a packed weight of RAGGED's blocks per row,
-    and the block_k that walks them in whole groups and single blocks."""
+def packed_inputs(name, N, T, dtype, gated=False, bias=False, residual=False, residual_scale=1.0, seed=0,
+                  layout=RAGGED):
+    """gemv / skinny_gemm / reference arguments for T rows of x over a packed weight of layout's (RAGGED or WORDS)
+    blocks per row, and the block_k that walks them in whole groups and single blocks."""
     qt = quant.quant_type(name)
-    n_blocks, block_k = RAGGED[qt.block_elems]
+    n_blocks, block_k = layout[qt.block_elems]
     nb = gemv.group_blocks(n_blocks, block_k // qt.block_elems)
     assert n_blocks // nb >= 1 and n_blocks % nb >= 1  # both loops run
     K = n_blocks * qt.block_elems
@@ -105,10 +107,25 @@ def packed_inputs(name, N, T, dtype, gated=False, bias=False, residual=False, re
     return args, block_k
 
 
+def values(args) -> torch.Tensor:
+    """The packed weight's values, fp32 [N, K]."""
+    return quant.reference(quant.from_kernel_layout(args["weight"], args["qtype"]), args["qtype"])
+
+
 def magnitude(args) -> torch.Tensor:
     """sum_k |w_k x_k| of each output [T, N] (x after the gating): the scale of its rounding errors."""
     x = activation.reference(args["x"]) if args["gated"] else args["x"]
-    return x.float().abs() @ quant.reference(args["weight"], args["qtype"]).abs().T
+    return x.float().abs() @ values(args).abs().T
+
+
+def one_row_reference(args) -> torch.Tensor:
+    """What gemv computes for one row: `reference`, of x_hat for the integer-dot types (x rounded to 8 bits per
+    32), whose result is then rounded to x's dtype as the kernel rounds it."""
+    if not gemv.integer_dot(quant.quant_type(args["qtype"]), args["weight"].shape[1]):
+        return gemv.reference(**args)
+    x = activation.reference(args["x"]) if args["gated"] else args["x"]
+    x_hat = quant.round_x_reference(x[0])[None]  # [1, K] fp32
+    return gemv.reference(**dict(args, x=x_hat, gated=False)).to(args["x"].dtype)
 
 
 def assert_near(got, ref, args, dtype):
@@ -128,32 +145,64 @@ def test_group_blocks():
     assert gemv.group_blocks(3, 8) == 2 and gemv.group_blocks(1, 8) == 1  # never more blocks than the row has
 
 
-@pytest.mark.parametrize("name", BLOCK_TYPES)
+@pytest.mark.parametrize("name, layout", [(name, RAGGED) for name in BLOCK_TYPES]
+                         + [(name, WORDS) for name in quant.DOT_TYPES])
 @pytest.mark.parametrize("dtype, options", [
     (torch.float32, {}),
     (torch.float16, dict(gated=True, bias=True, residual=True, residual_scale=0.5)),
 ])
-def test_packed_gemv_matches_reference(name, dtype, options):
-    """13 rows in programs of 4 (the last ragged), each row whole groups then single blocks."""
-    args, block_k = packed_inputs(name, 13, 1, dtype, **options, seed=len(name))
+def test_packed_gemv_matches_reference(name, layout, dtype, options):
+    """13 rows in programs of 4 (the last ragged), each row whole groups then single blocks; the integer dot
+    products where gemv.integer_dot (RAGGED's Q8_0 and Q6_K rows are not 4-byte aligned: the float path)."""
+    args, block_k = packed_inputs(name, 13, 1, dtype, **options, seed=len(name), layout=layout)
     got = gemv.gemv(**args, block_n=4, block_k=block_k)
-    assert_near(got, gemv.reference(**args), args, dtype)
+    assert_near(got, one_row_reference(args), args, dtype)
 
 
-@pytest.mark.parametrize("name, ties", [("Q4_K", False), ("Q8_0", True), ("Q6_K", True)])
-def test_packed_gemv_packs_the_argmax(name, ties):
-    """On packed weights too, the argmax buffer ends up holding torch.argmax of the rounded output, the first
-    index among equal maxima across programs."""
-    args, block_k = packed_inputs(name, 37, 1, torch.float16, seed=5)
+@pytest.mark.parametrize("name", quant.DOT_TYPES)
+@pytest.mark.parametrize("gated", [False, True])
+def test_integer_dot_is_within_the_rounding_of_x(name, gated):
+    """The integer-dot GEMV against the float reference of x itself: off by at most sum_k |w_k| |x_k - x_hat_k|,
+    with |x - x_hat| <= max|x| / 254 in each group of 32 (plus the sums' order), and off: x's rounding shows."""
+    args, block_k = packed_inputs(name, 13, 1, torch.float32, gated=gated, seed=3, layout=WORDS)
+    assert gemv.integer_dot(quant.quant_type(name), args["weight"].shape[1])
+    x = activation.reference(args["x"]) if gated else args["x"]
+    step = x[0].reshape(-1, 32).abs().amax(-1).repeat_interleave(32) / 254  # [K] the largest |x - x_hat|
+    bound = values(args).abs() @ step + 1e-5 * magnitude(args)[0]  # [N]
+    err = (gemv.gemv(**args, block_n=4, block_k=block_k) - gemv.reference(**args))[0].abs()
+    assert (err <= bound).all() and err.max() > 1e-5 * magnitude(args).max()
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_round_x_matches_its_reference(gated):
+    """round_x's int8 values and scales give x_hat exactly; its sums are d * sum(q) of each 16 elements; a group
+    of zeros rounds to zeros."""
+    gen = torch.Generator().manual_seed(4)
+    K = 288  # 9 groups: two programs of 8, the second ragged
+    x = (3 * torch.randn(1, 2 * K if gated else K, generator=gen)).half()
+    x[0, 32:64] = 0
+    q, d, sums = quant.round_x(x, gated)
+    want = quant.round_x_reference((activation.reference(x) if gated else x)[0])
+    assert torch.equal(q.float().reshape(-1, 32) * d[:, None], want.reshape(-1, 32))
+    assert q.abs().max() == 127 and torch.equal(q[32:64], torch.zeros(32, dtype=torch.int8))
+    torch.testing.assert_close(sums, q.float().reshape(-1, 16).sum(-1) * d.repeat_interleave(2), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name, ties, layout", [("Q4_K", False, RAGGED), ("Q8_0", True, WORDS), ("Q6_K", True, WORDS),
+                                                ("Q5_0", True, RAGGED)])
+def test_packed_gemv_packs_the_argmax(name, ties, layout):
+    """On packed weights too (integer dot products or not), the argmax buffer ends up holding torch.argmax of the
+    rounded output, the first index among equal maxima across programs."""
+    args, block_k = packed_inputs(name, 37, 1, torch.float16, seed=5, layout=layout)
     best, token = gemv.argmax_buffer(args["x"].device), torch.zeros(1, dtype=torch.long)
     if ties:  # rows 3, 20 and 30 (three programs) copy the largest output's row
-        top = int(gemv.reference(**args)[0].argmax())
+        top = int(one_row_reference(args)[0].argmax())
         args["weight"][[3, 20, 30]] = args["weight"][top].clone()
     y = gemv.gemv(**args, argmax=best, block_n=4, block_k=block_k, out_dtype=torch.float32)
     gemv.take_argmax(best, token)
     assert torch.equal(y, y.half().float())  # rounded to x's dtype
     assert int(token) == int(y[0].argmax()) and (not ties or int(token) == min(3, top))
-    assert_near(y.half(), gemv.reference(**args), args, torch.float16)
+    assert_near(y.half(), one_row_reference(args), args, torch.float16)
 
 
 def test_reference_dequantizes_in_chunks(monkeypatch):
@@ -188,16 +237,17 @@ def test_skinny_gemm_fp16_within_the_stated_bound(T, name):
     assert err.max() > 0  # the rounding of the weights shows: the test measures what it states
 
 
-@pytest.mark.parametrize("name", BLOCK_TYPES)
-def test_each_weight_lands_in_its_place(name):
+@pytest.mark.parametrize("name, layout", [(name, RAGGED) for name in BLOCK_TYPES]
+                         + [(name, WORDS) for name in quant.DOT_TYPES])
+def test_each_weight_lands_in_its_place(name, layout):
     """One-hot rows of x read single weights: every output equals the element of the dequantized weight bit for
     bit, so a permuted row, block or element (e.g. swapped nibbles) fails. Blocks with edge values (test_quant's
     random_blocks); the positions come with their nibble partners, whose weights differ."""
     qt = quant.quant_type(name)
-    n_blocks, block_k = RAGGED[qt.block_elems]
+    n_blocks, block_k = layout[qt.block_elems]
     K = n_blocks * qt.block_elems
-    weight = random_blocks(name, 9, n_blocks, seed=7)
-    ref = quant.reference(weight, name)  # [9, K]
+    ref = quant.reference(random_blocks(name, 9, n_blocks, seed=7), name)  # [9, K]
+    weight = quant.to_kernel_layout(random_blocks(name, 9, n_blocks, seed=7), name)
     partner = NIBBLE_PARTNER.get(name, 16)
     first = torch.randperm(K, generator=torch.Generator().manual_seed(len(name)))[:8]
     positions = torch.cat([first, first ^ partner])  # [16]
@@ -205,6 +255,7 @@ def test_each_weight_lands_in_its_place(name):
     assert len(set(map(tuple, ref.tolist()))) == 9  # distinct rows
     x = torch.eye(K)[positions]  # [16, K]
     assert torch.equal(gemv.skinny_gemm(x, weight, name, block_n=16, block_k=block_k), ref[:, positions].T)
-    for p in positions[[0, 8]]:
+    for p in positions[[0, 8]]:  # the integer dot's x_hat of a one-hot row is 127 * fl(1 / 127): not bit for bit
         got = gemv.gemv(x[positions.tolist().index(p)][None], weight, qtype=name, block_n=4, block_k=block_k)
-        assert torch.equal(got[0], ref[:, p])
+        exact = not gemv.integer_dot(qt, weight.shape[1])
+        torch.testing.assert_close(got[0], ref[:, p], rtol=0 if exact else 1e-6, atol=0)

@@ -419,17 +419,22 @@ PACKED_TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
                                         (1000, 768, dict(bias=True)), (128256, 4096, {})])
 def test_packed_gemv_and_skinny_gemm(qtype, N, K, options):
     """The packed kernels compiled for the GPU, bf16 activations, against the reference on the blocks' values."""
-    from infer.kernels.gemv import argmax_buffer, gemv, reference, skinny_gemm, take_argmax
-    from infer.kernels.quant import dequantize, random_blocks
+    from infer.kernels.gemv import argmax_buffer, gemv, integer_dot, reference, skinny_gemm, take_argmax
+    from infer.kernels.quant import dequantize, quant_type, random_blocks, round_x, to_kernel_layout
 
     gen = torch.Generator(device=DEVICE).manual_seed(9)
-    weight = random_blocks(qtype, N, K, torch.device(DEVICE), std=1.0 / K ** 0.5, generator=gen)
+    weight = to_kernel_layout(random_blocks(qtype, N, K, torch.device(DEVICE), std=1.0 / K ** 0.5, generator=gen),
+                              qtype)
     bias = randn(N, gen=torch.Generator().manual_seed(1)) if options.get("bias") else None
     for T in (1, 5, 16):
         x = randn(T, 2 * K if options.get("gated") else K, gen=torch.Generator().manual_seed(T))
         residual = 4 * randn(T, N, gen=torch.Generator().manual_seed(2)) if options.get("residual") else None
         args = dict(bias=bias, gated=options.get("gated", False), residual=residual)
         ref = reference(x, weight, **args, qtype=qtype)
+        if T == 1 and integer_dot(quant_type(qtype), weight.shape[1]):  # x rounded to 8 bits per 32, as round_x
+            q, d, _ = round_x(x, args["gated"])  # (test_round_x checks it against its reference)
+            x_hat = (q.float().reshape(-1, 32) * d[:, None]).reshape(1, -1)
+            ref = reference(x_hat, weight, **dict(args, gated=False), qtype=qtype).to(x.dtype)
         if T > 1:  # the skinny matmul multiplies weights rounded to x's dtype, as cuBLAS on dequantized ones would
             ref = reference(x, dequantize(weight, qtype, x.dtype), **args)
         if T == 1:
@@ -442,15 +447,30 @@ def test_packed_gemv_and_skinny_gemm(qtype, N, K, options):
         assert got.shape == (T, N) and rel_err(got, ref) < 1e-2 and mostly_equal(got, ref, 0.9), (T, rel_err(got, ref))
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_round_x(gated):
+    """round_x compiled for the GPU gives round_x_reference's x_hat bit for bit (exactly rounded divisions; a
+    q one off at a near-tie would move every output of its column)."""
+    from infer.kernels.activation import reference as silu_mul
+    from infer.kernels.quant import round_x, round_x_reference
+
+    for seed in range(4):
+        x = randn(1, 2 * 14336 if gated else 14336, gen=torch.Generator().manual_seed(seed))
+        q, d, _ = round_x(x, gated)
+        want = round_x_reference((silu_mul(x) if gated else x)[0])
+        assert torch.equal((q.float().reshape(-1, 32) * d[:, None]).reshape(-1), want)
+
+
 @pytest.mark.parametrize("qtype", PACKED_TYPES)
 def test_dequantize_is_exact(qtype):
     """The dequantize kernel (prefill's dequantize-then-cuBLAS, quantized embeddings) equals the reference bit for
     bit in fp32, rows gathered or not."""
-    from infer.kernels.quant import dequantize, random_blocks, reference
+    from infer.kernels.quant import dequantize, random_blocks, reference, to_kernel_layout
 
     gen = torch.Generator(device=DEVICE).manual_seed(3)
-    blocks = random_blocks(qtype, 300, 1024, torch.device(DEVICE), std=1.0, generator=gen)
-    ref = reference(blocks, qtype)
+    file_blocks = random_blocks(qtype, 300, 1024, torch.device(DEVICE), std=1.0, generator=gen)
+    ref = reference(file_blocks, qtype)
+    blocks = to_kernel_layout(file_blocks, qtype)
     assert torch.equal(dequantize(blocks, qtype, torch.float32), ref)
     rows = torch.tensor([7, 0, 299, 7], device=DEVICE)
     assert torch.equal(dequantize(blocks, qtype, torch.float32, rows=rows), ref[rows])

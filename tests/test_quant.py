@@ -103,7 +103,7 @@ def test_demo_blocks(demo_readers, model, name):
     assert same_bits(ref, gguf_dequantize(data, name))
     if name in BLOCK_TYPES:
         rows = data.reshape(-1, data.shape[-1])
-        assert same_bits(quant.dequantize(rows, name), ref.reshape(rows.shape[0], -1))
+        assert same_bits(quant.dequantize(quant.to_kernel_layout(rows, name), name), ref.reshape(rows.shape[0], -1))
 
 
 @pytest.mark.parametrize("name", QUANTIZABLE)
@@ -126,17 +126,33 @@ def test_dequantize_equals_reference(name, n_blocks):
     """7 rows in tiles of 4 (the last one ragged): fp32 bit for bit; fp16 equal to the reference's rounding, bf16
     within one rounding of it (the interpreter truncates to bf16 where torch and GPUs round to nearest even)."""
     qt = quant.quant_type(name)
-    data = random_blocks(name, n_rows=7, n_blocks=n_blocks, seed=n_blocks)
+    ref = quant.reference(random_blocks(name, n_rows=7, n_blocks=n_blocks, seed=n_blocks), name)
+    data = quant.to_kernel_layout(random_blocks(name, n_rows=7, n_blocks=n_blocks, seed=n_blocks), name)
     tile = 4 * qt.block_elems
-    ref = quant.reference(data, name)
     assert same_bits(quant.dequantize(data, name, block_n=4, tile_elems=tile), ref)
     for dtype in (torch.bfloat16, torch.float16):
         got = quant.dequantize(data, name, dtype, block_n=4, tile_elems=tile)
-        want = quant.reference(data, name, dtype)
+        want = ref.to(dtype)
         assert got.dtype == dtype and (dtype == torch.bfloat16 or torch.equal(got, want))
         torch.testing.assert_close(got, want, rtol=torch.finfo(dtype).eps, atol=0)
     rows = torch.tensor([6, 0, 3, 3, 5])
     assert same_bits(quant.dequantize(data, name, rows=rows, block_n=4, tile_elems=tile), ref[rows])
+
+
+@pytest.mark.parametrize("name", BLOCK_TYPES)
+def test_kernel_layout_round_trips(name):
+    """to_kernel_layout keeps the shape and loses nothing; Q8_0 and Q6_K rows are their blocks' bodies, then the
+    blocks' d in order."""
+    qt = quant.quant_type(name)
+    data = random_blocks(name, n_rows=3, n_blocks=5, seed=2)
+    moved = quant.to_kernel_layout(data, name)
+    assert moved.shape == data.shape and torch.equal(quant.from_kernel_layout(moved, name), data)
+    if name in quant.SCALE_MOVED_FROM:
+        at = quant.SCALE_MOVED_FROM[name]
+        d = data.reshape(3, 5, qt.block_bytes)[..., at:at + 2].reshape(3, 10)
+        assert torch.equal(moved[:, 5 * (qt.block_bytes - 2):], d)
+    else:
+        assert moved is data
 
 
 def test_unsupported_types():
