@@ -250,20 +250,22 @@ def group_blocks(n_blocks: int, max_blocks: int) -> int:
                key=lambda nb: (n_blocks // nb + n_blocks % nb, -nb))
 
 
-def packed_tile(qt: quant.QuantType) -> tuple[int, int, int]:
-    """(block_n, block_k, num_warps) of the packed GEMV for qt: rows per program, elements of each row per step,
-    and warps (the best of sweeps on an H200 at the Llama-3-8B shapes, BENCHMARKS.md)."""
-    dot_tiles = {"Q4_K": (4, 1024, 2), "Q6_K": (4, 512, 2), "Q8_0": (4, 1024, 4)}
-    if qt.name in dot_tiles:
-        return dot_tiles[qt.name]
-    return (4, 1024, 4) if qt.block_elems == 256 else (4, 512, 4)
-
-
 def integer_dot(qt: quant.QuantType, row_bytes: int) -> bool:
     """Whether the one-row GEMV of a weight of rows of row_bytes bytes of qt runs the integer dot products: for
     quant.DOT_TYPES whose rows keep their quant words 4-byte aligned (a Q8_0 or Q6_K row of an odd number of blocks
     does not: Qwen2.5-0.5B's down projection, 19 Q6_K blocks, runs the float decoders)."""
     return qt.name in quant.DOT_TYPES and row_bytes % 4 == 0
+
+
+def packed_tile(qt: quant.QuantType, dot: bool) -> tuple[int, int, int]:
+    """(block_n, block_k, num_warps) of the packed GEMV for qt, by integer dot products or not: rows per program,
+    elements of each row per step, and warps (the best of sweeps on an H200 at the Llama-3-8B shapes,
+    BENCHMARKS.md)."""
+    if dot:
+        return {"Q4_K": (4, 1024, 2), "Q6_K": (4, 512, 2), "Q8_0": (4, 1024, 4)}[qt.name]
+    if qt.name in ("Q6_K", "Q8_0"):
+        return 8, 512, 4
+    return (4, 1024, 4) if qt.block_elems == 256 else (4, 512, 4)
 
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -281,19 +283,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          out_dtype: torch.dtype | None = None, qtype=None, block_n: int | None = None,
          block_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """`reference` for x [1, K] (or [1, 2K] gated; of x_hat where `integer_dot`, see above) with a contiguous last
-    dim; weight [N, K] contiguous, or with qtype uint8 [N, row_bytes] contiguous in quant's kernel layout; residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the
-    output's argmax into; out_dtype: the output's dtype (default x's; the values are rounded to x's dtype either
-    way: float32 saves logits a cast). A program reads block_n rows, block_k elements of each per step (packed:
-    NB = group_blocks(blocks of a row, block_k // block_elems) blocks); they default to 4 and 1024, or to
-    packed_tile for a packed weight. Warps default to 4, or 8 for a dense weight when gated (the SiLU of each x
-    tile; faster in the decode step, BENCHMARKS.md), or packed_tile's."""
+    dim; weight [N, K] contiguous, or with qtype uint8 [N, row_bytes] contiguous in quant's kernel layout;
+    residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the output's argmax into; out_dtype: the
+    output's dtype (default x's; the values are rounded to x's dtype either way: float32 saves logits a cast). A
+    program reads block_n rows, block_k elements of each per step (packed: NB = group_blocks(blocks of a row,
+    block_k // block_elems) blocks); they default to 4 and 1024, or to packed_tile for a packed weight. Warps
+    default to 4, or 8 for a dense weight when gated (the SiLU of each x tile; faster in the decode step,
+    BENCHMARKS.md), or packed_tile's."""
     if qtype is None:
         N, K = weight.shape
         assert weight.is_contiguous()
         tile = (4, 1024, 8 if gated else 4)
     else:
         qt, N, K = _packed_shape(weight, qtype)
-        tile = packed_tile(qt)
+        dot = integer_dot(qt, weight.shape[1])
+        tile = packed_tile(qt, dot)
     block_n, block_k, num_warps = block_n or tile[0], block_k or tile[1], num_warps or tile[2]
     assert x.shape == (1, 2 * K if gated else K) and x.stride(1) == 1
     assert residual is None or (residual.shape == (1, N) and residual.is_contiguous())
@@ -309,7 +313,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                            BLOCK_K=min(block_k, triton.next_power_of_2(K)), **flags)
         return out
     nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
-    if integer_dot(qt, weight.shape[1]):
+    if dot:
         xq, xd, xs = quant.round_x(x, gated)  # [K] int8, [K / 32], [K / 16]
         _dot_gemv_kernel[grid](xq.view(torch.int32), xd, xs, weight, *common, N, K, weight.shape[1], residual_scale,
                                DTYPE=_TRITON_DTYPES[x.dtype], QTYPE=qt.name, BLOCK_ELEMS=qt.block_elems, NB=nb,
