@@ -48,8 +48,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eager", action="store_true", help="run decode steps eagerly instead of replaying CUDA graphs")
     add_tp_flag(p)
     p.add_argument("--quantize", choices=("int8", "int4"),
-                   help="quantize a float model's matrices as they load: int8 = Q8_0 blocks, int4 = Q4_0 blocks "
-                        "(round to nearest, symmetric, one fp16 scale per 32 weights)")
+                   help="quantize a float model's matrices as they load (round to nearest): int8 = Q8_0 blocks "
+                        "(an fp16 scale per 32 weights), int4 = Q4_1 blocks (a scale and a minimum per 32)")
     g = p.add_argument_group("block-sparse attention (defaults: the model's sparse_config, else MiniCPM4's)")
     g.add_argument("--sparse", choices=("auto", "on", "off"),
                    help="auto: dense up to --dense-len tokens, sparse past it (default); on: always sparse; off: always dense")

@@ -217,21 +217,29 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(weight: torch.Tensor, qtype) -> torch.Tensor:
-    """Round-to-nearest symmetric quantization of weight [N, K] into Q8_0 or Q4_0 blocks (absmax scale per 32
-    elements, fp16), on weight's device: uint8 [N, row_bytes], bit for bit what gguf-py's quantize (ggml's
-    reference quantizer) writes for the same float32 values."""
+    """Round-to-nearest quantization of weight [N, K] into Q8_0 or Q4_0 blocks (symmetric: an absmax scale per 32
+    elements, fp16) or Q4_1 blocks (a scale and a minimum per 32), on weight's device: uint8 [N, row_bytes], bit
+    for bit what gguf-py's quantize (ggml's reference quantizer) writes for the same float32 values."""
     qt = quant_type(qtype)
     N, K = weight.shape
-    assert qt.name in ("Q8_0", "Q4_0") and K % qt.block_elems == 0
+    assert qt.name in ("Q8_0", "Q4_0", "Q4_1") and K % qt.block_elems == 0
     blocks = weight.float().reshape(N, K // 32, 32)
+    offsets = []  # Q4_1's minima, after the scales
     if qt.name == "Q8_0":  # d = absmax / 127, q = roundf(x / d)
         d = blocks.abs().amax(-1, keepdim=True) / 127
         qs = _roundf(blocks * torch.where(d == 0, 0.0, 1 / d)).to(torch.int8).view(torch.uint8)
-    else:  # d = the value of largest magnitude / -8, q = trunc(x / d + 8.5) in 0..15, two a byte (i, 16 + i)
-        d = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
-        q = (blocks * torch.where(d == 0, 0.0, 1 / d) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
-        qs = q[..., :16] | (q[..., 16:] << 4)
-    return torch.cat([d.half().view(torch.uint8), qs], -1).reshape(N, -1)
+    else:
+        if qt.name == "Q4_0":  # d = the value of largest magnitude / -8, q = trunc(x / d + 8.5) in 0..15
+            d = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
+            q = blocks * torch.where(d == 0, 0.0, 1 / d) + 8.5
+        else:  # d = (max - min) / 15, q = trunc((x - min) / d + 0.5) in 0..15
+            low = blocks.amin(-1, keepdim=True)
+            d = (blocks.amax(-1, keepdim=True) - low) / 15
+            q = (blocks - low) * torch.where(d == 0, 0.0, 1 / d) + 0.5
+            offsets = [low.half().view(torch.uint8)]
+        q = q.trunc().clamp(0, 15).to(torch.uint8)
+        qs = q[..., :16] | (q[..., 16:] << 4)  # two a byte: elements i and 16 + i
+    return torch.cat([d.half().view(torch.uint8), *offsets, qs], -1).reshape(N, -1)
 
 
 SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),

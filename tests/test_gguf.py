@@ -185,3 +185,35 @@ def test_the_tiny_gguf_runs_from_the_command_line(tiny_gguf):
     r = infer("generate", str(tiny_gguf), "--raw", "-p", "Once upon a time", "--max-tokens", "4")
     assert r.returncode == 0 and "stopped:" in r.stderr, r.stderr
     assert read_gguf(tiny_gguf).config["num_hidden_layers"] == LAYERS
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantize_rounds_a_float_model_as_it_loads(tmp_path, smollm2, quantize):
+    """--quantize: every matrix of a float folder holds quant.quantize's blocks of its weights (packed, as CUDA keeps
+    them; dequantized on the CPU), the norms stay as they were; a GGUF refuses it."""
+    from conftest import random_model_folder
+
+    from infer.engine.errors import ParameterError
+    from infer.engine.weights import QUANTIZE
+
+    folder = random_model_folder(tmp_path / "m", smollm2, model_type="llama", vocab_size=49152, hidden_size=64,
+                                 intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    checkpoint = Checkpoint(folder)
+    cfg = checkpoint.config()
+    plain = load_model(checkpoint, cfg, torch.device("cpu"), torch.float32, progress=False)
+    qt = QUANTIZE[quantize]
+    for packed in (True, False):
+        model = load_model(checkpoint, cfg, torch.device("cpu"), torch.float32, progress=False, packed=packed,
+                           quantize=quantize)
+        down = model.layers[0].mlp.down_proj
+        blocks = quant.quantize(plain.layers[0].mlp.down_proj.weight, qt)
+        if packed:
+            assert down.qtype == qt and torch.equal(down.weight, quant.to_kernel_layout(blocks, qt))
+        else:
+            assert down.qtype is None and torch.equal(down.weight, quant.reference(blocks, qt))
+        assert not torch.equal(down.weight, plain.layers[0].mlp.down_proj.weight)
+        assert torch.equal(model.norm.weight, plain.norm.weight)
+    with pytest.raises(ParameterError, match="quantized already"):
+        load_model(Checkpoint(fetch_gguf(CATALOGUE["smollm2-135m-instruct"])), cfg, torch.device("cpu"),
+                   torch.float32, progress=False, quantize=quantize)

@@ -112,6 +112,20 @@ def test_reference_on_gguf_quantized_blocks(name):
     assert same_bits(quant.reference(data, name), gguf_dequantize(data, name))
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+def test_quantize_writes_what_gguf_py_writes(name):
+    """quant.quantize (what --quantize runs as a float model loads) writes gguf-py's (ggml's reference quantizer's)
+    bytes, on quantized_blocks' rows (zero, constant, large, tiny, an outlier) and on values at rounding ties."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 128, generator=gen)
+    x[1], x[2], x[3], x[4] = 0.0, -0.75, x[3] * 3e3, x[4] * 1e-6
+    x[5, 7] = 50.0
+    ties = torch.arange(-64, 64, dtype=torch.float32)[None] / 4  # multiples of a quarter: halves after scaling
+    for rows in (x, ties):
+        want = np.ascontiguousarray(gguf.quants.quantize(rows.numpy(), gguf.GGMLQuantizationType[name])).view(np.uint8)
+        assert torch.equal(quant.quantize(rows, name), torch.from_numpy(want))
+
+
 @pytest.mark.parametrize("name", quant.QUANT_TYPES)
 def test_reference_on_random_blocks(name):
     data = random_blocks(name, n_rows=6, n_blocks=5, seed=1)

@@ -25,7 +25,7 @@ from ..generate import PREFILL_CHUNK
 from ..kv_cache import KVCache, Positions
 from ..model import Transformer, prefill
 from ..parallel import Parallel, check_split, launch, world_size
-from ..weights import Checkpoint, load_model
+from ..weights import QUANTIZE, Checkpoint, load_model
 from .compare import rel_err
 from .layer import attention_inputs, new_summaries, select_all, selection_mask, sparse_decode_step, sparse_prefill
 
@@ -82,8 +82,7 @@ def q4_k_m(kind: str, layer: int, layers: int, cols: int) -> str:
 QUANT_RECIPES = {
     "q4_k_m": q4_k_m,
     "q8_0": lambda *matrix: "Q8_0",
-    "int8": lambda *matrix: "Q8_0",  # as --quantize int8 makes them
-    "int4": lambda *matrix: "Q4_0",
+    **{name: lambda *matrix, qt=qt: qt.name for name, qt in QUANTIZE.items()},  # as --quantize makes them
 }
 # the model's matrices by GGUF tensor kind
 _KINDS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
