@@ -406,19 +406,23 @@ def _blocks256(w_ptr, row_off, block, row_mask, NB: tl.constexpr, BYTES: tl.cons
     mask = row_mask[:, None, None, None]
     d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1, 1]
     dmin = _load(base, 2, mask, tl.float16).to(tl.float32)
-    # The 12 scale bytes as three words (4-byte aligned: blocks of 144 and 176 bytes), decoded 4 bytes at a time
-    # as _k_scales does one by one. The shifts are arithmetic (int32): every mask clears the sign bits they bring.
-    s = _load(base, 4, mask, tl.int32)  # [BLOCK_N, NB, 1, 1]: scales 0-3, low 6 bits
-    m = _load(base, 8, mask, tl.int32)  # mins 0-3, low 6 bits
-    low = _load(base, 12, mask, tl.int32)  # low 4 bits of scales 4-7 (low nibbles), mins 4-7 (high nibbles)
-    scales = tl.where(g < 2, s & 0x3F3F3F3F, (low & 0x0F0F0F0F) | ((s >> 2) & 0x30303030))  # [BLOCK_N, NB, 4, 1]
+    d_low, m_low, d_high, m_high = _k_pair_scales(d, dmin, _load(base, 4, mask, tl.int32),
+                                                  _load(base, 8, mask, tl.int32), _load(base, 12, mask, tl.int32), g)
+    return base, mask, g, i, d_low, m_low, d_high, m_high, j * 256 + g * 64 + i
+
+
+@triton.jit
+def _k_pair_scales(d, dmin, s, m, low, g):
+    """Q4_K/Q5_K: of sub-blocks 2g and 2g + 1 (g in 0..3), (d * scale, dmin * min) of each, from the block's d and
+    dmin (fp32) and its 12 scale bytes as three int32 words (4-byte aligned in blocks of 144 and 176 bytes): s, the
+    low 6 bits of scales 0-3; m, of mins 0-3; low, the low 4 bits of scales 4-7 (low nibbles) and mins 4-7 (high
+    nibbles). Decoded 4 bytes at a time as _k_scales does one by one; the shifts are arithmetic (int32), and every
+    mask clears the sign bits they bring."""
+    scales = tl.where(g < 2, s & 0x3F3F3F3F, (low & 0x0F0F0F0F) | ((s >> 2) & 0x30303030))
     mins = tl.where(g < 2, m & 0x3F3F3F3F, ((low >> 4) & 0x0F0F0F0F) | ((m >> 2) & 0x30303030))
     shift = 16 * (g % 2)  # sub-block 2g is byte 2g % 4 of its word, 2g + 1 the byte after it
-    d_low = d * ((scales >> shift) & 0xFF).to(tl.float32)
-    d_high = d * ((scales >> (shift + 8)) & 0xFF).to(tl.float32)
-    m_low = dmin * ((mins >> shift) & 0xFF).to(tl.float32)
-    m_high = dmin * ((mins >> (shift + 8)) & 0xFF).to(tl.float32)
-    return base, mask, g, i, d_low, m_low, d_high, m_high, j * 256 + g * 64 + i
+    return (d * ((scales >> shift) & 0xFF).to(tl.float32), dmin * ((mins >> shift) & 0xFF).to(tl.float32),
+            d * ((scales >> (shift + 8)) & 0xFF).to(tl.float32), dmin * ((mins >> (shift + 8)) & 0xFF).to(tl.float32))
 
 
 @triton.jit
@@ -642,20 +646,15 @@ def dot_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks, xq_ptr
     d_and_min = tl.load(words, mask=mask, other=0)  # [BLOCK_N, NB, 1]
     d = (d_and_min & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (d_and_min >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    s = tl.load(words + 1, mask=mask, other=0)
-    m = tl.load(words + 2, mask=mask, other=0)
-    low = tl.load(words + 3, mask=mask, other=0)
-    scales = tl.where(g < 2, s & 0x3F3F3F3F, (low & 0x0F0F0F0F) | ((s >> 2) & 0x30303030))  # [BLOCK_N, NB, 4]
-    mins = tl.where(g < 2, m & 0x3F3F3F3F, ((low >> 4) & 0x0F0F0F0F) | ((m >> 2) & 0x30303030))
-    shift = 16 * (g % 2)
+    d_low, m_low, d_high, m_high = _k_pair_scales(d, dmin, tl.load(words + 1, mask=mask, other=0),
+                                                  tl.load(words + 2, mask=mask, other=0),
+                                                  tl.load(words + 3, mask=mask, other=0), g)  # [BLOCK_N, NB, 4]
     sub = (block + j) * 8 + 2 * g  # [1, NB, 4] sub-block 2g's index in the row
     # element = (d * scale) * q - dmin * min: dot = d * scale * (x's d * sum(q * x's q)) - dmin * min * sum(x_hat)
     x_sum_low = tl.load(xs_ptr + 2 * sub) + tl.load(xs_ptr + 2 * sub + 1)  # [1, NB, 4]
     x_sum_high = tl.load(xs_ptr + 2 * sub + 2) + tl.load(xs_ptr + 2 * sub + 3)
-    low_sum = (d * ((scales >> shift) & 0xFF).to(tl.float32) * tl.load(xd_ptr + sub) * sum_low.to(tl.float32)
-               - dmin * ((mins >> shift) & 0xFF).to(tl.float32) * x_sum_low)
-    high_sum = (d * ((scales >> (shift + 8)) & 0xFF).to(tl.float32) * tl.load(xd_ptr + sub + 1)
-                * sum_high.to(tl.float32) - dmin * ((mins >> (shift + 8)) & 0xFF).to(tl.float32) * x_sum_high)
+    low_sum = d_low * tl.load(xd_ptr + sub) * sum_low.to(tl.float32) - m_low * x_sum_low
+    high_sum = d_high * tl.load(xd_ptr + sub + 1) * sum_high.to(tl.float32) - m_high * x_sum_high
     return low_sum + high_sum  # [BLOCK_N, NB, 4]
 
 
