@@ -246,8 +246,9 @@ def test_each_weight_lands_in_its_place(name, layout):
     qt = quant.quant_type(name)
     n_blocks, block_k = layout[qt.block_elems]
     K = n_blocks * qt.block_elems
-    ref = quant.reference(random_blocks(name, 9, n_blocks, seed=7), name)  # [9, K]
-    weight = quant.to_kernel_layout(random_blocks(name, 9, n_blocks, seed=7), name)
+    blocks = random_blocks(name, 9, n_blocks, seed=7)
+    ref = quant.reference(blocks, name)  # [9, K]
+    weight = quant.to_kernel_layout(blocks, name)
     partner = NIBBLE_PARTNER.get(name, 16)
     first = torch.randperm(K, generator=torch.Generator().manual_seed(len(name)))[:8]
     positions = torch.cat([first, first ^ partner])  # [16]

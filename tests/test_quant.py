@@ -140,8 +140,9 @@ def test_dequantize_equals_reference(name, n_blocks):
     """7 rows in tiles of 4 (the last one ragged): fp32 bit for bit; fp16 equal to the reference's rounding, bf16
     within one rounding of it (the interpreter truncates to bf16 where torch and GPUs round to nearest even)."""
     qt = quant.quant_type(name)
-    ref = quant.reference(random_blocks(name, n_rows=7, n_blocks=n_blocks, seed=n_blocks), name)
-    data = quant.to_kernel_layout(random_blocks(name, n_rows=7, n_blocks=n_blocks, seed=n_blocks), name)
+    blocks = random_blocks(name, n_rows=7, n_blocks=n_blocks, seed=n_blocks)
+    ref = quant.reference(blocks, name)
+    data = quant.to_kernel_layout(blocks, name)
     tile = 4 * qt.block_elems
     assert same_bits(quant.dequantize(data, name, block_n=4, tile_elems=tile), ref)
     for dtype in (torch.bfloat16, torch.float16):
