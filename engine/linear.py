@@ -4,7 +4,7 @@ GGUF blocks (kernels/quant.py), and decides, once, which kernel runs for each sh
 Formats: a dense weight is a float tensor [out, in]; a quantized one (a GGUF's) stays in its GGML blocks, uint8
 [out, row_bytes] with its QuantType, where the kernels decode the blocks in registers: on CUDA. On the CPU the
 loader dequantizes it once, as it loads, to the model's dtype (the torch reference per call would cost seconds per
-token).
+token), except an embedding table that is not also the LM head: a lookup decodes only its rows.
 """
 
 from dataclasses import dataclass
@@ -176,4 +176,7 @@ class Embedding(nn.Module):
     def _lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.qtype is None:
             return nn.functional.embedding(tokens, self.weight)
+        if not self.weight.is_cuda:  # the torch reference, on the rows looked up
+            rows = quant.from_kernel_layout(self.weight[tokens], self.qtype)  # [T, row_bytes]
+            return quant.reference(rows, self.qtype, self.dtype)
         return quant.dequantize(self.weight, self.qtype, self.dtype, rows=tokens)

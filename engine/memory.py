@@ -1,6 +1,8 @@
 """Memory sizing before anything is allocated: the weights, the KV cache with its key summaries and the working memory
 of a prefill chunk, against what the device has free. The context is fitted to it, or refused with the numbers."""
 
+import ctypes
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,29 @@ MIN_CONTEXT = 256  # a fitted context below this is refused: the model would be 
 CONTEXT_STEP = 1024  # a fitted context is rounded down to a multiple of this
 SLACK_BYTES = 512 << 20  # allocator rounding, library workspaces (cuBLAS), small buffers
 USABLE = 0.9  # of the free memory: the rest stays for other processes and fragmentation
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: blocks of at least this size get a mapping of their own
+LOADING_MMAP_THRESHOLD = 128 << 10  # while weights load (glibc's initial value)
+RUNNING_MMAP_THRESHOLD = 32 << 20  # after (the ceiling glibc's own adjustment reaches)
+
+
+@contextmanager
+def freed_when_loaded():
+    """Host memory that loading weights frees goes back to the system. glibc raises its mmap threshold after each
+    large block freed, so that loading a model tensor by tensor left its temporaries' memory in the heap, resident
+    and unused (0.75 GB of the Qwen demo's 4.1 GB on the CPU, BENCHMARKS.md); during the load, blocks from 128 KiB
+    get their own mappings, unmapped when freed. After it the threshold is fixed high: prefill's large temporaries
+    come from the heap again (mapped afresh each time, they made CPU prefill 11% slower). Elsewhere than glibc:
+    nothing changes."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, LOADING_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, RUNNING_MMAP_THRESHOLD)
 
 
 @dataclass

@@ -11,8 +11,9 @@ from infer.kernels import quant
 
 from .config import ModelConfig, read_json_object
 from .errors import InferError, ParameterError
-from .gguf import GGUFTensor, gguf_file, read_gguf
+from .gguf import GGUFTensor, gguf_file, hf_tensor_name, read_gguf
 from .linear import Embedding, Linear
+from .memory import freed_when_loaded
 from .model import Transformer
 from .parallel import Parallel
 from .sampling import generation_defaults
@@ -82,24 +83,32 @@ class Checkpoint:
         return {} if self.gguf is not None else generation_defaults(self.path)
 
     def weight_bytes(self, cfg: ModelConfig, dtype: torch.dtype, packed: bool, quantize: str | None = None) -> int:
-        """The bytes the weights take once loaded: when packed, a GGUF's quantized tensors as the file holds them,
-        or with `quantize` every matrix in that format's blocks; every other weight (and all of them unpacked) in
-        `dtype`."""
+        """The bytes the weights take once loaded: those `keeps_blocks` keeps in their blocks as a GGUF file holds
+        them, or with `quantize` (a float checkpoint's matrices) in that format's; every other weight in `dtype`."""
         with torch.device("meta"):
             model = Transformer(cfg)  # sizes only: nothing is allocated
-        tied = model.lm_head if cfg.tie_word_embeddings else None  # its weight is the embedding's
-        params = sum(p.numel() for p in model.parameters()) - (tied.weight.numel() if tied else 0)
-        matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, (Linear, Embedding)) and m is not tied)
-        if not packed:
-            return params * dtype.itemsize
+        sizes = {name: p.numel() for name, p in model.named_parameters()}  # elements, by parameter name
+        if cfg.tie_word_embeddings:
+            sizes.pop("lm_head.weight")  # its weight is the embedding's
         if quantize is not None:
             qt = QUANTIZE[quantize]
-            return matrices // qt.block_elems * qt.block_bytes + (params - matrices) * dtype.itemsize
-        if self.gguf is None:
-            return params * dtype.itemsize
-        blocks = [t for _, t in self.gguf.infos() if len(t.shape) == 2 and t.type_code not in FLOATS]
-        elements = sum(t.shape[0] * t.shape[1] for t in blocks)
-        return sum(t.n_bytes for t in blocks) + (params - elements) * dtype.itemsize
+            blocks = {f"{name}.weight": sizes[f"{name}.weight"] // qt.block_elems * qt.block_bytes
+                      for name, m in model.named_modules() if isinstance(m, (Linear, Embedding))
+                      and f"{name}.weight" in sizes}
+        elif self.gguf is not None:
+            blocks = {hf_tensor_name(t.name, self.path.name)[0].removeprefix("model."): t.n_bytes
+                      for _, t in self.gguf.infos() if len(t.shape) == 2 and t.type_code not in FLOATS}
+        else:
+            blocks = {}
+        return sum(blocks[name] if name in blocks and keeps_blocks(name, cfg, packed) else n * dtype.itemsize
+                   for name, n in sizes.items())
+
+
+def keeps_blocks(name: str, cfg: ModelConfig, packed: bool) -> bool:
+    """Whether weight `name` (of a model of cfg), when its checkpoint holds it in blocks, stays in them once loaded:
+    every such weight when packed (on CUDA, engine/linear.py), else only an embedding table that is not also the LM
+    head (a lookup decodes just its rows)."""
+    return packed or (name == "embed_tokens.weight" and not cfg.tie_word_embeddings)
 
 
 FLOATS = {quant.QUANT_TYPES[name].code for name in ("F32", "F16", "BF16")}  # GGML types no kernel decodes
@@ -126,29 +135,29 @@ def load_model(checkpoint: Checkpoint, cfg: ModelConfig, device: torch.device, d
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     packed = device.type == "cuda" if packed is None else packed
-    with Progress(
-        TextColumn("loading weights"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
-        disable=not progress, transient=True,
-    ) as bar:
-        task = bar.add_task("load", total=len(expected))
-        tensors = _gguf_tensors(checkpoint) if checkpoint.gguf is not None else _safetensors(checkpoint.path, expected)
-        loaded = set()
-        for name, tensor in tensors:
-            name = name.removeprefix("model.")
-            if name not in expected:
-                continue
-            if quantize is not None and name.endswith("weight") and isinstance(
-                    model.get_submodule(name.rpartition(".")[0]), (Linear, Embedding)):
-                qt = QUANTIZE[quantize]
-                tensor = GGUFTensor(name, qt, quant.quantize(tensor.to(device), qt), tuple(tensor.shape))
-            _assign(model, name, tensor, expected[name].shape, device, dtype, packed)
-            loaded.add(name)
-            bar.advance(task)
-    missing = [n for n in expected if n not in loaded]
-    if missing:
-        raise InferError(f"{checkpoint.path} lacks the weight {missing[0]}" +
-                         (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    model.setup(device, dtype)
+    with freed_when_loaded():  # and model.setup's (fusing q/k/v, gate/up)
+        with Progress(TextColumn("loading weights"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeRemainingColumn(), disable=not progress, transient=True) as bar:
+            task = bar.add_task("load", total=len(expected))
+            tensors = (_gguf_tensors(checkpoint) if checkpoint.gguf is not None
+                       else _safetensors(checkpoint.path, expected))
+            loaded = set()
+            for name, tensor in tensors:
+                name = name.removeprefix("model.")
+                if name not in expected:
+                    continue
+                if quantize is not None and name.endswith("weight") and isinstance(
+                        model.get_submodule(name.rpartition(".")[0]), (Linear, Embedding)):
+                    qt = QUANTIZE[quantize]
+                    tensor = GGUFTensor(name, qt, quant.quantize(tensor.to(device), qt), tuple(tensor.shape))
+                _assign(model, name, tensor, expected[name].shape, device, dtype, keeps_blocks(name, cfg, packed))
+                loaded.add(name)
+                bar.advance(task)
+        missing = [n for n in expected if n not in loaded]
+        if missing:
+            raise InferError(f"{checkpoint.path} lacks the weight {missing[0]}" +
+                             (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        model.setup(device, dtype)
     return model
 
 

@@ -55,6 +55,18 @@ def test_the_gguf_generates_what_its_float32_folder_generates(demo):
         assert native.stats.generated_tokens >= 8
 
 
+def test_the_cpu_keeps_an_untied_embedding_in_its_blocks(demo):
+    """On the CPU a GGUF's matrices are dequantized as they load, except an embedding table that is not also the
+    LM head (the Qwen demo's); the size the memory check plans with is what the loaded weights take."""
+    path, _ = demo
+    checkpoint = Checkpoint(path)
+    cfg = checkpoint.config()
+    model = load_model(checkpoint, cfg, torch.device("cpu"), torch.float32, progress=False)
+    assert (model.embed_tokens.qtype is None) == cfg.tie_word_embeddings and model.lm_head.qtype is None
+    held = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied LM head's weight counted once
+    assert checkpoint.weight_bytes(cfg, torch.float32, packed=False) == held
+
+
 # A tiny llama with every projection in another type: q Q4_K, k Q6_K, v Q8_0 (q/k/v then run one after the other),
 # gate/up Q5_0 (fused), down Q5_K, o Q4_1, the tied embedding Q4_0.
 TYPES = {"attn_q": "Q4_K", "attn_k": "Q6_K", "attn_v": "Q8_0", "attn_output": "Q4_1", "ffn_gate": "Q5_0",
