@@ -47,9 +47,7 @@ def load_weight(data: torch.Tensor, qtype: quant.QuantType, shape: tuple[int, ..
     layout, quant.to_kernel_layout) when `packed`
     (and the shard cuts whole blocks); float types, and the rest, become dense tensors of `dtype`."""
     if packed and qtype.block_elems > 1 and (shard is None or shard.whole_blocks(qtype)):
-        data = data if shard is None else shard.of_blocks(data, qtype)
-        # copied on the CPU, where the bytes would otherwise stay a view of the checkpoint's memory map
-        data = data.to(device, memory_format=torch.contiguous_format, copy=device.type == "cpu")
+        data = (data if shard is None else shard.of_blocks(data, qtype)).contiguous().to(device)
         return quant.to_kernel_layout(data, qtype), qtype
     weight = quant.reference(data, qtype).reshape(shape)
     return (weight if shard is None else shard.of(weight)).contiguous().to(device=device, dtype=dtype), None
