@@ -5,6 +5,7 @@ Supported: the llama (Llama 2/3, Mistral), qwen2 and qwen3 architectures; GGML t
 Anything else, and any damage to the file, is an InferError naming the file (and the tensor or key).
 """
 
+import mmap
 import re
 import struct
 from dataclasses import dataclass
@@ -73,7 +74,9 @@ class GGUFFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.map = np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as f:
+            self.file_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.map = np.frombuffer(self.file_map, dtype=np.uint8)
         self.buf = memoryview(self.map)
         if bytes(self.buf[:4]) != GGUF_MAGIC:
             raise ValueError("bad magic: not a GGUF file")
@@ -134,8 +137,15 @@ class GGUFFile:
         return [self.value(item) for _ in range(n)]
 
     def data(self, info: TensorInfo) -> np.ndarray:
-        """The tensor's bytes, copied out of the map: uint8 [n_bytes]."""
-        return np.array(self.map[info.offset:info.offset + info.n_bytes])
+        """The tensor's bytes, copied out of the map: uint8 [n_bytes]. The pages read leave this process's resident
+        memory (read again from the file if needed again): else, as a model loads, its whole file would come to be
+        resident beside the weights made of it."""
+        out = np.array(self.map[info.offset:info.offset + info.n_bytes])
+        first = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE  # the whole pages inside the tensor's bytes
+        last = (info.offset + info.n_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first and hasattr(mmap, "MADV_DONTNEED"):
+            self.file_map.madvise(mmap.MADV_DONTNEED, first, last - first)
+        return out
 
 
 def open_gguf(path: Path) -> GGUFFile:
