@@ -67,10 +67,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def add_summary_flags(g) -> None:
     """The pooled key summaries that score the sparse blocks (read by summary_overrides)."""
     g.add_argument("--summary-size", type=int, metavar="N",
-                   help="keys averaged into one pooled summary, which scores the blocks it overlaps (default 32)")
+                   help="keys averaged into one pooled summary, which scores the blocks it overlaps (default 16; "
+                        "MiniCPM4's sparse_config: 32)")
     g.add_argument("--summary-stride", type=int, metavar="N",
-                   help="tokens between summaries (default 16); 8 with --summary-size 16 finds more needles among "
-                        "distractors at about 1.5x the attention's decode cost at 128K (BENCHMARKS.md)")
+                   help="tokens between summaries (default 16); 8 finds more needles among distractors at about 1.5x "
+                        "the attention's decode cost at 128K (BENCHMARKS.md)")
 
 
 def add_tp_flag(p: argparse.ArgumentParser) -> None:

@@ -29,9 +29,12 @@ class RopeConfig:
 
 @dataclass
 class SparseConfig:
-    """Block-sparse attention (InfLLM-V2); the defaults are MiniCPM4's published sparse_config."""
+    """Block-sparse attention (InfLLM-V2). The defaults are MiniCPM4's published sparse_config except the summaries:
+    MiniCPM4 pools 32 keys every 16 tokens. Models trained dense (all but MiniCPM4, which ships its own) keep more of
+    dense attention's answers with windows of 16 every 16 tokens: as many summaries, so the same decode cost, each
+    the mean of half as many keys (BENCHMARKS.md, issue 22)."""
 
-    kernel_size: int = 32  # keys pooled into one summary
+    kernel_size: int = 16  # keys pooled into one summary
     kernel_stride: int = 16  # distance between summary windows
     init_blocks: int = 1  # leading blocks always attended (attention sink)
     block_size: int = 64  # keys per selectable block

@@ -59,7 +59,8 @@ def run():
     n, chunk = 131072, 16384
     q, k, v = layer.attention_inputs(n, 32, 8, 128, torch.bfloat16, "cuda")
     summaries = layer.new_summaries(k, s)
-    pool_keys.pool_keys(k, summaries, 0, pool_keys.num_summaries(n), s.kernel_size, s.kernel_stride)
+    pool_keys.pool_keys(k, summaries, 0, pool_keys.num_summaries(n, s.kernel_size, s.kernel_stride), s.kernel_size,
+                        s.kernel_stride)
     q1 = q[:, -1:].contiguous()
     slices = [(q[:, 7168:8192], 7168, s.block_size), (q1, n - 1, DECODE_Q_TILE)]  # the reference materializes [T, blocks, C]
     refs = [bs.reference_scores(qs, summaries, start, q_tile=qt) for qs, start, qt in slices]

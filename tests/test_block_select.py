@@ -24,6 +24,7 @@ CASES = [
     (1, 4, 64, 1290, 40, 16, torch.float16, {}),  # several chunks of summaries
     (1, 3, 64, 100, 50, 16, torch.float32, {}),  # group size not a power of two
     (1, 2, 64, 150, 60, 16, torch.float16, dict(kernel=16, stride=8, block_size=32)),
+    (1, 4, 64, 1000, 9, 16, torch.float16, dict(kernel=16, stride=16)),  # windows that do not overlap
     (2, 2, 64, 0, 20, 64, torch.float16, {}),  # fewer keys than one window: no summaries
 ]
 
@@ -172,6 +173,7 @@ DECODE_CASES = [
     (1, 8, 64, 4100, 1, 64, torch.float16, {}),
     (2, 1, 64, 3, 5, 16, torch.float16, {}),  # no summaries yet
     (1, 2, 64, 150, 8, 16, torch.float16, dict(kernel=16, stride=8, block_size=32)),
+    (2, 4, 64, 2000, 1, 16, torch.float16, dict(kernel=16, stride=16)),
 ]
 
 
