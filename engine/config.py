@@ -31,8 +31,8 @@ class RopeConfig:
 class SparseConfig:
     """Block-sparse attention (InfLLM-V2). The defaults are MiniCPM4's published sparse_config except the summaries:
     MiniCPM4 pools 32 keys every 16 tokens. Models trained dense (all but MiniCPM4, which ships its own) keep more of
-    dense attention's answers with windows of 16 every 16 tokens: as many summaries, so the same decode cost, each
-    the mean of half as many keys (BENCHMARKS.md, issue 22)."""
+    dense attention's answers with windows of 16 every 16 tokens: as many summaries for the selection to read and
+    score, each the mean of half as many keys (BENCHMARKS.md, issue 22)."""
 
     kernel_size: int = 16  # keys pooled into one summary
     kernel_stride: int = 16  # distance between summary windows
