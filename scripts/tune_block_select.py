@@ -61,17 +61,20 @@ def run():
     summaries = layer.new_summaries(k, s)
     pool_keys.pool_keys(k, summaries, 0, pool_keys.num_summaries(n, s.kernel_size, s.kernel_stride), s.kernel_size,
                         s.kernel_stride)
+    # the config's geometry and budget, not the kernels' defaults (MiniCPM4's)
+    geometry = dict(kernel=s.kernel_size, stride=s.kernel_stride, block_size=s.block_size)
+    budget = dict(topk=s.topk, init_blocks=s.init_blocks, window=s.window_size)
     q1 = q[:, -1:].contiguous()
     slices = [(q[:, 7168:8192], 7168, s.block_size), (q1, n - 1, DECODE_Q_TILE)]  # the reference materializes [T, blocks, C]
-    refs = [bs.reference_scores(qs, summaries, start, q_tile=qt) for qs, start, qt in slices]
+    refs = [bs.reference_scores(qs, summaries, start, q_tile=qt, **geometry) for qs, start, qt in slices]
 
     def check(tuning):
         out = []
         for (qs, start, qt), ref in zip(slices, refs):
             got = torch.full_like(ref, float("nan"))
             gi, gc = bs.block_select(qs, summaries, start, q_tile=qt, scores=got, tuning=tuning,
-                                     tickets=bs.new_tickets(qs.device))
-            ri, rc = bs.select_blocks(ref, start, qs.shape[1], q_tile=qt)
+                                     tickets=bs.new_tickets(qs.device), **geometry, **budget)
+            ri, rc = bs.select_blocks(ref, start, qs.shape[1], q_tile=qt, block_size=s.block_size, **budget)
             fin = ref.isfinite()
             ok = not got.isnan().any().item() and torch.equal(fin, got.isfinite())
             err = compare.rel_err(got[fin], ref[fin]) if ok else math.inf
