@@ -196,21 +196,18 @@ def _dot_gemv_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, b_ptr, r_ptr, out_ptr, best_
                      DTYPE: tl.constexpr, QTYPE: tl.constexpr, BLOCK_ELEMS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      RESIDUAL: tl.constexpr, ARGMAX: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
                      NB: tl.constexpr, HARDWARE: tl.constexpr, PDL: tl.constexpr):
-    # The packed GEMV of x rounded by quant.round_x (xq_ptr its int8 values as int32 words, xd_ptr and xs_ptr its
-    # scales and sums); DTYPE is x's dtype, which the output is rounded to.
+    # The packed GEMV of x rounded by quant.round_x (xq_ptr, xd_ptr and xs_ptr its int8 values, scales and sums,
+    # as int32 words); DTYPE is x's dtype, which the output is rounded to. Each step takes NB blocks of each row
+    # side by side, the last step's blocks past the row's end masked.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_mask = rows < N
-    row_off = rows.to(tl.int64) * row_bytes  # [BLOCK_N]
+    row_off = tl.minimum(rows, N - 1).to(tl.int64) * row_bytes  # [BLOCK_N] (rows past N read the last, unstored)
     n_blocks = K // BLOCK_ELEMS
-    n_groups = n_blocks // NB
     pdl.enter(PDL)
-    acc = quant.dot(w_ptr, row_off, 0, row_mask, QTYPE, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
-    for g in range(1, n_groups):
-        acc += quant.dot(w_ptr, row_off, g * NB, row_mask, QTYPE, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
-    y = _row_sums(acc)  # [BLOCK_N]
-    for block in range(n_groups * NB, n_blocks):  # the last n_blocks % NB blocks, one at a time
-        y += _row_sums(quant.dot(w_ptr, row_off, block, row_mask, QTYPE, 1, n_blocks, xq_ptr, xd_ptr, xs_ptr,
-                                 HARDWARE))
+    acc = quant.dot(w_ptr, row_off, 0, QTYPE, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+    for block in range(NB, n_blocks, NB):
+        acc += quant.dot(w_ptr, row_off, block, QTYPE, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+    y = tl.sum(acc, axis=1)  # [BLOCK_N]
     y = _epilogue(y, rows, rows, row_mask, b_ptr, r_ptr, out_ptr, residual_scale, DTYPE, HAS_BIAS, RESIDUAL)
     if ARGMAX:
         _pack_argmax(y, rows, row_mask, N, best_ptr, SLOTS)
@@ -257,12 +254,27 @@ def integer_dot(qt: quant.QuantType, row_bytes: int) -> bool:
     return qt.name in quant.DOT_TYPES and row_bytes % 4 == 0
 
 
-def packed_tile(qt: quant.QuantType, dot: bool) -> tuple[int, int, int]:
-    """(block_n, block_k, num_warps) of the packed GEMV for qt, by integer dot products or not: rows per program,
-    elements of each row per step, and warps (the best of sweeps on an H200 at the Llama-3-8B shapes,
-    BENCHMARKS.md)."""
+DOT_THREADS = 128  # threads of an integer-dot program (4 warps), each taking one (row, block) per step
+
+
+def dot_blocks(n_blocks: int, max_blocks: int = 64) -> int:
+    """NB of the integer-dot GEMV for rows of n_blocks blocks, the blocks of a row its threads take side by side
+    per step: the largest power of two up to max_blocks whose steps pad the row by at most a third (the last step's
+    blocks past the row's end are masked, their threads idle)."""
+    nb = 1
+    while nb < max_blocks and -(-n_blocks // (2 * nb)) * 2 * nb * 3 <= 4 * n_blocks:
+        nb *= 2
+    return nb
+
+
+def packed_tile(qt: quant.QuantType, n_blocks: int, dot: bool) -> tuple[int, int, int]:
+    """(block_n, block_k, num_warps) of the packed GEMV for rows of n_blocks blocks of qt, by integer dot
+    products or not: rows per program, elements of each row per step, and warps. The float path's are the best of
+    sweeps on an H200 at the Llama-3-8B shapes (BENCHMARKS.md); the integer dot's give each of DOT_THREADS threads
+    one (row, block)."""
     if dot:
-        return {"Q4_K": (4, 1024, 2), "Q6_K": (4, 512, 2), "Q8_0": (4, 1024, 4)}[qt.name]
+        nb = dot_blocks(n_blocks)
+        return max(1, DOT_THREADS // nb), nb * qt.block_elems, DOT_THREADS // 32
     if qt.name in ("Q6_K", "Q8_0"):
         return 8, 512, 4
     return (4, 1024, 4) if qt.block_elems == 256 else (4, 512, 4)
@@ -286,10 +298,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     dim; weight [N, K] contiguous, or with qtype uint8 [N, row_bytes] contiguous in quant's kernel layout;
     residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the output's argmax into; out_dtype: the
     output's dtype (default x's; the values are rounded to x's dtype either way: float32 saves logits a cast). A
-    program reads block_n rows, block_k elements of each per step (packed: NB = group_blocks(blocks of a row,
-    block_k // block_elems) blocks); they default to 4 and 1024, or to packed_tile for a packed weight. Warps
-    default to 4, or 8 for a dense weight when gated (the SiLU of each x tile; faster in the decode step,
-    BENCHMARKS.md), or packed_tile's."""
+    program reads block_n rows, block_k elements of each per step (packed: NB = block_k // block_elems blocks by
+    integer dot products, else group_blocks(blocks of a row, that)); they default to 4 and 1024, or to packed_tile
+    for a packed weight. Warps default to 4, or 8 for a dense weight when gated (the SiLU of each x tile; faster in
+    the decode step, BENCHMARKS.md), or packed_tile's."""
     if qtype is None:
         N, K = weight.shape
         assert weight.is_contiguous()
@@ -297,7 +309,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     else:
         qt, N, K = _packed_shape(weight, qtype)
         dot = integer_dot(qt, weight.shape[1])
-        tile = packed_tile(qt, dot)
+        tile = packed_tile(qt, K // qt.block_elems, dot)
     block_n, block_k, num_warps = block_n or tile[0], block_k or tile[1], num_warps or tile[2]
     assert x.shape == (1, 2 * K if gated else K) and x.stride(1) == 1
     assert residual is None or (residual.shape == (1, N) and residual.is_contiguous())
@@ -312,13 +324,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         _gemv_kernel[grid](x, weight, *common, N, K, residual_scale, GATED=gated,
                            BLOCK_K=min(block_k, triton.next_power_of_2(K)), **flags)
         return out
-    nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
     if dot:
         xq, xd, xs = quant.round_x(x, gated)  # [K] int8, [K / 32], [K / 16]
-        _dot_gemv_kernel[grid](xq.view(torch.int32), xd, xs, weight, *common, N, K, weight.shape[1], residual_scale,
-                               DTYPE=_TRITON_DTYPES[x.dtype], QTYPE=qt.name, BLOCK_ELEMS=qt.block_elems, NB=nb,
-                               HARDWARE=x.is_cuda, **flags)
+        _dot_gemv_kernel[grid](xq.view(torch.int32), xd.view(torch.int32), xs.view(torch.int32), weight, *common, N,
+                               K, weight.shape[1], residual_scale, DTYPE=_TRITON_DTYPES[x.dtype], QTYPE=qt.name,
+                               BLOCK_ELEMS=qt.block_elems, NB=block_k // qt.block_elems, HARDWARE=x.is_cuda,
+                               **flags)
     else:
+        nb = group_blocks(K // qt.block_elems, block_k // qt.block_elems)
         _packed_gemv_kernel[grid](x, weight, *common, N, K, weight.shape[1], residual_scale, QTYPE=qt.name,
                                   BLOCK_ELEMS=qt.block_elems, GATED=gated, NB=nb, **flags)
     return out

@@ -619,102 +619,159 @@ def dp4a(a, b, c, HARDWARE: tl.constexpr):
         return c
 
 
-# Each dot_<type>(w_ptr, row_off, block, row_mask, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE) returns the
-# fp32 partial sums [BLOCK_N, NB, ...] of x_hat times blocks block .. block + NB - 1 of the rows (arguments as the
-# decoders'; xq_ptr the int32 words of round_x's q, xd_ptr its d, xs_ptr its sums). Every thread walks the words of
-# its (row, block, part) one load at a time, chaining its dp4a: the integer sums stay in the layout of the scales
-# they meet, with no reduction or layout conversion in the loop.
+# Each dot_<type>(w_ptr, row_off, block, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE) returns the fp32
+# partial sums [BLOCK_N, NB] of x_hat times blocks block .. block + NB - 1 of the rows, those past the row's
+# n_blocks counting 0 (arguments as the decoders', row_off of rows that exist; xq_ptr, xd_ptr and xs_ptr round_x's
+# q, d and sums, all as int32 words). Each thread takes a whole (row, block) and reads it 4 words at a time: every
+# load is a [BLOCK_N, NB, 4] tensor of 4 consecutive words, so that all share one layout (a thread's 4 words, one
+# 128-bit load) and no value moves between threads; x's words, the same for every row, are read in that shape too
+# (from L1).
 
 
 @triton.jit
-def dot_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
+def _dot_tile(row_off, block, NB: tl.constexpr, n_blocks, BYTES: tl.constexpr, w_ptr):
+    """The addressing every dot_<type> shares, for blocks of BYTES bytes: (w4 [1, 1, 4], the blocks' index in the
+    row [1, NB, 1] with those past its end clamped to its last (no load is masked: a clamped block's sum is
+    dropped, an out-of-range row's never stored), the weight's words at the blocks' starts + w4 [BLOCK_N, NB, 4])."""
+    j = tl.minimum(block + tl.arange(0, NB)[None, :, None], n_blocks - 1)  # [1, NB, 1]
+    w4 = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
+    words = (w_ptr + row_off).to(tl.pointer_type(tl.int32))[:, None, None] + j * (BYTES // 4) + w4
+    return w4, j, words
+
+
+@triton.jit
+def _x_words(x_ptr, j, PER_BLOCK: tl.constexpr, w4, words):
+    """x's words (of PER_BLOCK a block) at blocks j's starts + w4, [BLOCK_N, NB, 4] as words (the same for every
+    row)."""
+    return tl.broadcast_to(x_ptr + j * PER_BLOCK + w4, words.shape)
+
+
+@triton.jit
+def _word(words, w4, i: tl.constexpr):
+    """words [..., 4] int32 (one thread's 4) -> words[..., i]: a register move once compiled."""
+    return tl.sum(tl.where(w4 == i, words, 0), axis=len(words.shape) - 1)
+
+
+@triton.jit
+def _fp32_word(words, w4, i: tl.constexpr):
+    return _word(words, w4, i).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _moved_d(w_ptr, row_off, j, n_blocks, BODY: tl.constexpr):
+    """The fp32 d [BLOCK_N, NB] of blocks j [1, NB] whose fp16 d the kernel layout moved to the row's end (after
+    the n_blocks bodies of BODY bytes)."""
+    at = w_ptr + row_off[:, None] + BODY * n_blocks + 2 * j  # [BLOCK_N, NB]
+    return tl.load(at.to(tl.pointer_type(tl.float16))).to(tl.float32)
+
+
+@triton.jit
+def _past_the_row(total, block, NB: tl.constexpr, n_blocks):
+    """total [BLOCK_N, NB] with the sums of blocks past the row's end (clamped to its last by _dot_tile) zeroed."""
+    return tl.where(block + tl.arange(0, NB)[None, :] < n_blocks, total, 0.0)
+
+
+@triton.jit
+def dot_q4_k(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
              HARDWARE: tl.constexpr):
-    # As 32-bit words, block b is [d | dmin] at 36 b, the scale words at 36 b + 1..3 (see _blocks256), and the
-    # quant word 8 g + w at 36 b + 4 + 8 g + w: its low nibbles are elements 64 g + 4 w .. + 3 (sub-block 2 g),
-    # its high nibbles the 32 after them (sub-block 2 g + 1).
-    j = tl.arange(0, NB)[None, :, None]  # [1, NB, 1]
-    g = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
-    mask = row_mask[:, None, None]
-    words = (w_ptr + row_off).to(tl.pointer_type(tl.int32))[:, None, None] + (block + j) * 36  # [BLOCK_N, NB, 1]
-    x_words = xq_ptr + (block + j) * 64 + 16 * g  # [1, NB, 4]
-    sum_low = tl.zeros([row_off.shape[0], NB, 4], dtype=tl.int32)
-    sum_high = tl.zeros([row_off.shape[0], NB, 4], dtype=tl.int32)
-    for w in tl.static_range(8):
-        q = tl.load(words + 4 + 8 * g + w, mask=mask, other=0)  # [BLOCK_N, NB, 4]
-        sum_low = dp4a(q & 0x0F0F0F0F, tl.load(x_words + w), sum_low, HARDWARE)
-        sum_high = dp4a((q >> 4) & 0x0F0F0F0F, tl.load(x_words + 8 + w), sum_high, HARDWARE)
-    d_and_min = tl.load(words, mask=mask, other=0)  # [BLOCK_N, NB, 1]
+    # As 32-bit words, a block is [d | dmin], the three scale words (see _blocks256), then quant word 8 g + w at
+    # 4 + 8 g + w: its low nibbles are elements 64 g + 4 w .. + 3 (sub-block 2 g), its high nibbles the 32 after
+    # them (sub-block 2 g + 1). element = (d * scale) * q - dmin * min.
+    w4, j, words = _dot_tile(row_off, block, NB, n_blocks, 144, w_ptr)  # [BLOCK_N, NB, 4]
+    x_words = _x_words(xq_ptr, j, 64, w4, words)
+    x_d = _x_words(xd_ptr, j, 8, w4, words)  # x's d, one per 32
+    x_sums = _x_words(xs_ptr, j, 16, w4, words)  # x_hat's sums, one per 16
+    header = tl.load(words)
+    d_and_min = _word(header, w4, 0)  # [BLOCK_N, NB]
     d = (d_and_min & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (d_and_min >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    d_low, m_low, d_high, m_high = _k_pair_scales(d, dmin, tl.load(words + 1, mask=mask, other=0),
-                                                  tl.load(words + 2, mask=mask, other=0),
-                                                  tl.load(words + 3, mask=mask, other=0), g)  # [BLOCK_N, NB, 4]
-    sub = (block + j) * 8 + 2 * g  # [1, NB, 4] sub-block 2g's index in the row
-    # element = (d * scale) * q - dmin * min: dot = d * scale * (x's d * sum(q * x's q)) - dmin * min * sum(x_hat)
-    x_sum_low = tl.load(xs_ptr + 2 * sub) + tl.load(xs_ptr + 2 * sub + 1)  # [1, NB, 4]
-    x_sum_high = tl.load(xs_ptr + 2 * sub + 2) + tl.load(xs_ptr + 2 * sub + 3)
-    low_sum = d_low * tl.load(xd_ptr + sub) * sum_low.to(tl.float32) - m_low * x_sum_low
-    high_sum = d_high * tl.load(xd_ptr + sub + 1) * sum_high.to(tl.float32) - m_high * x_sum_high
-    return low_sum + high_sum  # [BLOCK_N, NB, 4]
+    s, m, low = _word(header, w4, 1), _word(header, w4, 2), _word(header, w4, 3)
+    total = tl.zeros([row_off.shape[0], NB], dtype=tl.float32)
+    for g in tl.static_range(4):
+        d_low, m_low, d_high, m_high = _k_pair_scales(d, dmin, s, m, low, g)  # [BLOCK_N, NB]
+        xd = tl.load(x_d + 4 * (g // 2))  # x's d of sub-blocks 4 (g // 2) .. + 3
+        xs = tl.load(x_sums + 4 * g)  # the sums of sub-block 2g's 16s, then 2g + 1's
+        sum_low = tl.zeros(header.shape, dtype=tl.int32)
+        sum_high = tl.zeros(header.shape, dtype=tl.int32)
+        for half in tl.static_range(2):
+            q = tl.load(words + 4 + 8 * g + 4 * half)  # [BLOCK_N, NB, 4]
+            x_low = tl.load(x_words + 16 * g + 4 * half)
+            x_high = tl.load(x_words + 16 * g + 8 + 4 * half)
+            sum_low = dp4a(q & 0x0F0F0F0F, x_low, sum_low, HARDWARE)
+            sum_high = dp4a((q >> 4) & 0x0F0F0F0F, x_high, sum_high, HARDWARE)
+        # dot = d * scale * (x's d * sum(q * x's q)) - dmin * min * sum(x_hat), per sub-block
+        total += (d_low * _fp32_word(xd, w4, 2 * g % 4) * tl.sum(sum_low, axis=2).to(tl.float32)
+                  - m_low * (_fp32_word(xs, w4, 0) + _fp32_word(xs, w4, 1))
+                  + d_high * _fp32_word(xd, w4, 2 * g % 4 + 1) * tl.sum(sum_high, axis=2).to(tl.float32)
+                  - m_high * (_fp32_word(xs, w4, 2) + _fp32_word(xs, w4, 3)))
+    return _past_the_row(total, block, NB, n_blocks)  # [BLOCK_N, NB]
 
 
 @triton.jit
-def dot_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
+def dot_q6_k(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
              HARDWARE: tl.constexpr):
-    # Kernel layout, as 32-bit words: block b's ql at 52 b, qh at 52 b + 32. Run u = 4h + 2k + t (of decode_q6_k)
-    # is ql words 4u .. 4u + 3, whose low nibbles are elements e = 128h + 32k + 16t + 4w .. + 3 and high nibbles
-    # e + 64, their top 2 bits in bits 2k (and 2k + 4) of qh word 8h + 4t + w's bytes.
-    j = tl.arange(0, NB)[None, :, None]  # [1, NB, 1]
-    u = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
-    h, k, t = u // 4, (u // 2) % 2, u % 2
-    mask = row_mask[:, None, None]
-    words = (w_ptr + row_off).to(tl.pointer_type(tl.int32))[:, None, None] + (block + j) * 52  # [BLOCK_N, NB, 1]
-    x_words = xq_ptr + (block + j) * 64 + 32 * h + 8 * k + 4 * t  # [1, NB, 8]
-    sum_low = tl.zeros([row_off.shape[0], NB, 8], dtype=tl.int32)
-    sum_high = tl.zeros([row_off.shape[0], NB, 8], dtype=tl.int32)
-    for w in tl.static_range(4):
-        ql = tl.load(words + 4 * u + w, mask=mask, other=0)  # [BLOCK_N, NB, 8]
-        qh = tl.load(words + 32 + 8 * h + 4 * t + w, mask=mask, other=0)
-        q_low = (ql & 0x0F0F0F0F) | (((qh >> (2 * k)) & 0x03030303) << 4)  # 4 quants 0..63
-        q_high = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * k + 4)) & 0x03030303) << 4)
-        sum_low = dp4a(q_low, tl.load(x_words + w), sum_low, HARDWARE)
-        sum_high = dp4a(q_high, tl.load(x_words + 16 + w), sum_high, HARDWARE)
-    row = w_ptr + row_off[:, None, None]  # [BLOCK_N, 1, 1]
-    d = _load(row, 208 * n_blocks + 2 * (block + j), mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1]
-    scale_low = _load(row, (block + j) * 208 + 192 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)
-    scale_high = _load(row, (block + j) * 208 + 196 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)
-    sixteen = (block + j) * 16 + 8 * h + 2 * k + t  # [1, NB, 8] the run's low 16 elements' index in the row
-    # element = (d * scale) * (q - 32): dot = d * scale * (x's d * sum(q * x's q) - 32 * sum(x_hat))
-    low_sum = scale_low * (tl.load(xd_ptr + sixteen // 2) * sum_low.to(tl.float32) - 32.0 * tl.load(xs_ptr + sixteen))
-    high_sum = scale_high * (tl.load(xd_ptr + (sixteen + 4) // 2) * sum_high.to(tl.float32)
-                             - 32.0 * tl.load(xs_ptr + sixteen + 4))
-    return d * (low_sum + high_sum)  # [BLOCK_N, NB, 8]
+    # Kernel layout, as 32-bit words: a block's ql at 0, qh at 32, its 16 int8 scales at 48 (d at the row's end).
+    # Run u = 4h + 2k + t (of decode_q6_k) is ql words 4u .. 4u + 3, whose low nibbles are elements
+    # e = 128h + 32k + 16t + 4w .. + 3 and high nibbles e + 64, their top 2 bits in bits 2k (and 2k + 4) of qh word
+    # 8h + 4t + w's bytes; the 16 from e (and e + 64) have scale 8h + 2k + t (and that + 4).
+    # element = (d * scale) * (q - 32).
+    w4, j, words = _dot_tile(row_off, block, NB, n_blocks, 208, w_ptr)  # [BLOCK_N, NB, 4]
+    x_words = _x_words(xq_ptr, j, 64, w4, words)
+    x_d = _x_words(xd_ptr, j, 8, w4, words)  # x's d, one per 32
+    x_sums = _x_words(xs_ptr, j, 16, w4, words)  # x_hat's sums, one per 16
+    scale_words = tl.load(words + 48)  # [BLOCK_N, NB, 4]
+    total = tl.zeros([row_off.shape[0], NB], dtype=tl.float32)
+    for h in tl.static_range(2):
+        xd = tl.load(x_d + 4 * h)  # x's d of the 32s 4h .. 4h + 3
+        xs_low = tl.load(x_sums + 8 * h)  # x_hat's sums of the 16s 8h .. 8h + 3
+        xs_high = tl.load(x_sums + 8 * h + 4)  # .. and of the 4 after them
+        for t in tl.static_range(2):
+            qh = tl.load(words + 32 + 8 * h + 4 * t)  # [BLOCK_N, NB, 4]
+            for k in tl.static_range(2):
+                ql = tl.load(words + 4 * (4 * h + 2 * k + t))
+                q_low = (ql & 0x0F0F0F0F) | (((qh >> (2 * k)) & 0x03030303) << 4)  # 4 quants 0..63
+                q_high = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * k + 4)) & 0x03030303) << 4)
+                at = 32 * h + 8 * k + 4 * t  # x's word of element e
+                x_low = tl.load(x_words + at)
+                x_high = tl.load(x_words + at + 16)
+                zero = tl.zeros(ql.shape, dtype=tl.int32)
+                sum_low = tl.sum(dp4a(q_low, x_low, zero, HARDWARE), axis=2).to(tl.float32)  # [BLOCK_N, NB]
+                sum_high = tl.sum(dp4a(q_high, x_high, zero, HARDWARE), axis=2).to(tl.float32)
+                sub = 8 * h + 2 * k + t  # the 16s' index in the block, and their scale's
+                scale_low = _word(scale_words, w4, sub // 4)  # int8 scale sub is byte sub % 4 of word sub // 4
+                scale_low = ((scale_low << (24 - 8 * (sub % 4))) >> 24).to(tl.float32)
+                scale_high = _word(scale_words, w4, (sub + 4) // 4)
+                scale_high = ((scale_high << (24 - 8 * (sub % 4))) >> 24).to(tl.float32)
+                # dot = d * scale * (x's d * sum(q * x's q) - 32 * sum(x_hat)), per 16
+                total += (scale_low * (_fp32_word(xd, w4, k) * sum_low - 32.0 * _fp32_word(xs_low, w4, 2 * k + t))
+                          + scale_high * (_fp32_word(xd, w4, k + 2) * sum_high
+                                          - 32.0 * _fp32_word(xs_high, w4, 2 * k + t)))
+    d = _moved_d(w_ptr, row_off, tl.reshape(j, [1, NB]), n_blocks, 208)
+    return _past_the_row(d * total, block, NB, n_blocks)  # [BLOCK_N, NB]
 
 
 @triton.jit
-def dot_q8_0(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
+def dot_q8_0(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
              HARDWARE: tl.constexpr):
-    # Kernel layout, as 32-bit words: block b's quants are words 8 b .. 8 b + 7; its d the fp16 at byte
-    # 32 n_blocks + 2 b
-    j = tl.arange(0, NB)[None, :]  # [1, NB]
-    mask = row_mask[:, None]
-    words = (w_ptr + row_off).to(tl.pointer_type(tl.int32))[:, None] + (block + j) * 8  # [BLOCK_N, NB]
-    x_words = xq_ptr + (block + j) * 8  # [1, NB]
-    total = tl.zeros([row_off.shape[0], NB], dtype=tl.int32)
-    for w in tl.static_range(8):
-        total = dp4a(tl.load(words + w, mask=mask, other=0), tl.load(x_words + w), total, HARDWARE)
-    d = _load(w_ptr + row_off[:, None], 32 * n_blocks + 2 * (block + j), mask, tl.float16).to(tl.float32)
-    return d * tl.load(xd_ptr + block + j) * total.to(tl.float32)  # [BLOCK_N, NB]
+    # Kernel layout, as 32-bit words: a block's quants are its 8 words (its d the fp16 at byte 32 n_blocks + 2 b)
+    w4, j, words = _dot_tile(row_off, block, NB, n_blocks, 32, w_ptr)  # [BLOCK_N, NB, 4]
+    x_words = _x_words(xq_ptr, j, 8, w4, words)
+    total = dp4a(tl.load(words), tl.load(x_words), tl.zeros(words.shape, dtype=tl.int32), HARDWARE)
+    total = tl.sum(dp4a(tl.load(words + 4), tl.load(x_words + 4), total, HARDWARE), axis=2)  # [BLOCK_N, NB]
+    j = tl.reshape(j, [1, NB])
+    xd = tl.load(xd_ptr.to(tl.pointer_type(tl.float32)) + j)  # [1, NB]
+    d = _moved_d(w_ptr, row_off, j, n_blocks, 32)
+    return _past_the_row(d * xd * total.to(tl.float32), block, NB, n_blocks)  # [BLOCK_N, NB]
 
 
 @triton.jit
-def dot(w_ptr, row_off, block, row_mask, QTYPE: tl.constexpr, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
+def dot(w_ptr, row_off, block, QTYPE: tl.constexpr, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
         HARDWARE: tl.constexpr):
     """dot_<QTYPE>, QTYPE one of DOT_TYPES."""
     if QTYPE == "Q4_K":
-        return dot_q4_k(w_ptr, row_off, block, row_mask, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+        return dot_q4_k(w_ptr, row_off, block, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
     elif QTYPE == "Q6_K":
-        return dot_q6_k(w_ptr, row_off, block, row_mask, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+        return dot_q6_k(w_ptr, row_off, block, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
     else:
         tl.static_assert(QTYPE == "Q8_0")
-        return dot_q8_0(w_ptr, row_off, block, row_mask, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+        return dot_q8_0(w_ptr, row_off, block, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)

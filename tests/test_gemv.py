@@ -70,7 +70,8 @@ def test_argmax_packed_by_the_gemv(N, block_n, ties):
 # ---------------------------------------------------------------------------------------------------------------
 # Packed GGUF weights (kernels.quant's types)
 
-# Blocks per row and block_k of the packed tests: whole groups of NB blocks, then NB = 1 steps for the rest.
+# Blocks per row and block_k of the packed tests: whole groups of NB blocks, then NB = 1 steps for the rest (the
+# float path; the integer dot's last step instead takes NB blocks, those past the row's end masked).
 RAGGED = {32: (5, 64), 256: (3, 512)}  # block_elems -> (blocks per row, block_k)
 WORDS = {32: (6, 128), 256: (6, 1024)}  # as RAGGED, and every Q8_0 / Q6_K row 4-byte aligned (gemv.integer_dot)
 # The distance in a block between the elements of a byte's low and high nibble (Q8_0: its two halves).
@@ -157,6 +158,25 @@ def test_packed_gemv_matches_reference(name, layout, dtype, options):
     args, block_k = packed_inputs(name, 13, 1, dtype, **options, seed=len(name), layout=layout)
     got = gemv.gemv(**args, block_n=4, block_k=block_k)
     assert_near(got, one_row_reference(args), args, dtype)
+
+
+def test_dot_blocks():
+    """The most blocks side by side, up to 64, that pad a row by at most a third."""
+    assert gemv.dot_blocks(16) == 16  # Q4_K, K = 4096: one step
+    assert gemv.dot_blocks(56) == 64  # Q4_K, K = 14336: one step, 8 blocks masked
+    assert gemv.dot_blocks(19) == 8  # Q4_K, K = 4864: 3 steps (16 would mask 13 of 32)
+    assert gemv.dot_blocks(448) == 64 and gemv.dot_blocks(3) == 4 and gemv.dot_blocks(1) == 1
+
+
+@pytest.mark.parametrize("name", quant.DOT_TYPES)
+def test_integer_dot_default_tile(name):
+    """The default tile: 22 blocks a row in 3 steps of 8 (the last with 2 past the row's end), 13 rows in one
+    program of 16 (3 past the last row)."""
+    args, _ = packed_inputs(name, 13, 1, torch.float32, bias=True, seed=6, layout={32: (22, 128), 256: (22, 1024)})
+    qt = quant.quant_type(name)
+    assert gemv.integer_dot(qt, args["weight"].shape[1])
+    assert gemv.packed_tile(qt, 22, dot=True) == (16, 8 * qt.block_elems, 4)
+    assert_near(gemv.gemv(**args), one_row_reference(args), args, torch.float32)
 
 
 @pytest.mark.parametrize("name", quant.DOT_TYPES)
