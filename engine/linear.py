@@ -108,19 +108,26 @@ class Linear(nn.Module):
         layer.qtype = qtype
         return layer
 
+    def rounds(self, x: torch.Tensor) -> bool:
+        """Whether this layer multiplies x [T, in] by integer dot products (quant.round_x's values of x: a decode
+        step on CUDA over a packed weight that gemv.integer_dot takes)."""
+        return (x.is_cuda and x.shape[0] == 1 and self.qtype is not None and (self.shard is None or self.shard.dim == 0)
+                and gemv.integer_dot(self.qtype, self.weight.shape[1]))
+
     def forward(self, x: torch.Tensor, gated: bool = False, residual: torch.Tensor | None = None,
                 residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, rounded: tuple | None = None) -> torch.Tensor:
+        """rounded: quant.round_x of x computed already (see `rounds`; the RMSNorm before writes it)."""
         if self.shard is not None and self.shard.dim == 1:  # partial sums over this rank's inputs: added up
-            y = self.parallel.all_reduce(self._apply(x, gated, None, 1.0, None, None))
+            y = self.parallel.all_reduce(self._apply(x, gated, None, 1.0, None, None, None))
             return y if residual is None else torch.add(residual, y, alpha=residual_scale)
-        return self._apply(x, gated, residual, residual_scale, argmax, out_dtype)
+        return self._apply(x, gated, residual, residual_scale, argmax, out_dtype, rounded)
 
-    def _apply(self, x, gated, residual, residual_scale, argmax, out_dtype) -> torch.Tensor:
+    def _apply(self, x, gated, residual, residual_scale, argmax, out_dtype, rounded) -> torch.Tensor:
         rows = x.shape[0]
         if x.is_cuda and rows == 1:
             return gemv.gemv(x, self.weight, self.bias, gated, residual, residual_scale, argmax, out_dtype,
-                             qtype=self.qtype)
+                             qtype=self.qtype, rounded=rounded if self.rounds(x) else None)
         assert argmax is None, "the argmax is packed by the one-row CUDA kernel only"
         if self.qtype is not None and rows <= gemv.SKINNY_MAX_ROWS:
             return gemv.skinny_gemm(x, self.weight, self.qtype, self.bias, gated, residual, residual_scale)
@@ -133,14 +140,20 @@ class Linear(nn.Module):
 
 class Concat(nn.Module):
     """Linear layers of different formats side by side (q/k/v of a Q4_K_M file, whose v rows are Q6_K): x [T, in] ->
-    their outputs concatenated [T, sum of the outs]."""
+    their outputs concatenated [T, sum of the outs]. The parts that take integer dot products share one round_x of
+    x."""
 
     def __init__(self, *parts: Linear):
         super().__init__()
         self.parts = nn.ModuleList(parts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part in self.parts], dim=-1)
+    def rounds(self, x: torch.Tensor) -> bool:
+        return any(part.rounds(x) for part in self.parts)
+
+    def forward(self, x: torch.Tensor, rounded: tuple | None = None) -> torch.Tensor:
+        if rounded is None and self.rounds(x):
+            rounded = quant.round_x(x)
+        return torch.cat([part(x, rounded=rounded) for part in self.parts], dim=-1)
 
 
 class Embedding(nn.Module):

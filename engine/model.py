@@ -26,6 +26,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (norm.rms_norm if x.is_cuda else norm.reference)(x, self.weight, self.eps)  # [T, dim]
 
+    def before(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """(this norm of x, and where `layer` (a Linear or Concat) rounds its input for integer dot products, the
+        norm's output rounded as quant.round_x rounds it, written by the same launch; else None)."""
+        if layer.rounds(x):
+            return norm.rms_norm(x, self.weight, self.eps, round_x=True)
+        return self(x), None
+
 
 class Attention(nn.Module):
     """Parameters as in the checkpoint (q_proj, k_proj, v_proj); `fuse` joins the three into qkv_proj. Under tensor
@@ -56,7 +63,8 @@ class Attention(nn.Module):
                 record: SelectionRecord | None = None) -> torch.Tensor:
         """The residual stream h [T, hidden] plus residual_scale * attention(pre_norm(h)); record: see attend."""
         num_tokens = h.shape[0]
-        qkv = self.qkv_proj(pre_norm(h))  # [T, (Hq + 2 Hkv) d]
+        x, rounded = pre_norm.before(self.qkv_proj, h)
+        qkv = self.qkv_proj(x, rounded=rounded)  # [T, (Hq + 2 Hkv) d]
         qk_norms = {} if self.q_norm is None else dict(
             q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps)
         # q [Hq, T, d] rotated; k rotated and v written into the cache at pos, and the summaries of the windows they
@@ -93,7 +101,8 @@ class MLP(nn.Module):
 
     def forward(self, h: torch.Tensor, pre_norm: RMSNorm, residual_scale: float) -> torch.Tensor:
         """The residual stream h [T, hidden] plus residual_scale * down(silu(gate) * up) of pre_norm(h)."""
-        gate_up = self.gate_up_proj(pre_norm(h))  # [T, 2 * intermediate]
+        x, rounded = pre_norm.before(self.gate_up_proj, h)
+        gate_up = self.gate_up_proj(x, rounded=rounded)  # [T, 2 * intermediate]
         return self.down_proj(gate_up, gated=True, residual=h, residual_scale=residual_scale)
 
 
@@ -172,7 +181,8 @@ class Transformer(nn.Module):
             for i, layer in enumerate(self.layers):
                 h = layer(h, pos, rope, cache, i, record if i == last else None)
         cache.length = start + num_tokens
-        logits = self.lm_head(self.norm(h[-num_logits:]), argmax=argmax, out_dtype=torch.float32)
+        x, rounded = self.norm.before(self.lm_head, h[-num_logits:])
+        logits = self.lm_head(x, argmax=argmax, out_dtype=torch.float32, rounded=rounded)
         logits = logits.float()  # [num_logits, V]: already float32 from the one-row GEMV
         if self.parallel is not None:  # this rank's slice of the vocabulary: the argmax and the logits of all
             if argmax is not None:

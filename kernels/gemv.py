@@ -13,7 +13,7 @@ accumulated in fp32 and rounded once, with optionally
   packed into it, by atomic maxima spread over ARGMAX_SLOTS addresses (not all programs on one), for greedy
   decoding on the device; `take_argmax` reads it out and empties the buffer.
 The RMSNorm before the q/k/v, gate/up and lm_head projections stays a kernel of its own: fused here it made the
-decode step slower (BENCHMARKS.md).
+decode step slower (BENCHMARKS.md). For the integer dot (below) it also writes its output rounded (`rounded`).
 
 `gemv` (T = 1): each program owns BLOCK_N rows of W. A dense W is walked in BLOCK_K steps multiply-adding into a
 fp32 [BLOCK_N, BLOCK_K] tile summed once at the end; a packed W in groups of NB blocks decoded in registers by
@@ -292,12 +292,14 @@ def _packed_shape(weight: torch.Tensor, qtype) -> tuple[quant.QuantType, int, in
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
          residual: torch.Tensor | None = None, residual_scale: float = 1.0, argmax: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None, qtype=None, block_n: int | None = None,
-         block_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, qtype=None, rounded: tuple | None = None,
+         block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """`reference` for x [1, K] (or [1, 2K] gated; of x_hat where `integer_dot`, see above) with a contiguous last
     dim; weight [N, K] contiguous, or with qtype uint8 [N, row_bytes] contiguous in quant's kernel layout;
     residual [1, N] -> new [1, N]; argmax: an argmax_buffer to pack the output's argmax into; out_dtype: the
-    output's dtype (default x's; the values are rounded to x's dtype either way: float32 saves logits a cast). A
+    output's dtype (default x's; the values are rounded to x's dtype either way: float32 saves logits a cast);
+    rounded: quant.round_x(x, gated) computed already (by the RMSNorm before, or shared by a Concat's parts), read
+    where the integer dot runs. A
     program reads block_n rows, block_k elements of each per step (packed: NB = block_k // block_elems blocks by
     integer dot products, else group_blocks(blocks of a row, that)); they default to 4 and 1024, or to packed_tile
     for a packed weight. Warps default to 4, or 8 for a dense weight when gated (the SiLU of each x tile; faster in
@@ -325,7 +327,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                            BLOCK_K=min(block_k, triton.next_power_of_2(K)), **flags)
         return out
     if dot:
-        xq, xd, xs = quant.round_x(x, gated)  # [K] int8, [K / 32], [K / 16]
+        xq, xd, xs = rounded or quant.round_x(x, gated)  # [K] int8, [K / 32], [K / 16]
         _dot_gemv_kernel[grid](xq.view(torch.int32), xd.view(torch.int32), xs.view(torch.int32), weight, *common, N,
                                K, weight.shape[1], residual_scale, DTYPE=_TRITON_DTYPES[x.dtype], QTYPE=qt.name,
                                BLOCK_ELEMS=qt.block_elems, NB=block_k // qt.block_elems, HARDWARE=x.is_cuda,

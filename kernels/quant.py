@@ -567,6 +567,20 @@ def round_x_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def round_groups(x):
+    """x fp32 [G, 2, 16] (G groups of 32, in halves) -> (q [G, 2, 16] fp32 of integers, d [G, 1, 1], d * sum(q)
+    of each half [G, 2, 1]), as round_x_reference rounds: every division rounded to nearest (GPUs divide
+    approximately by default), no add a compiler could fuse with a product."""
+    amax = tl.max(tl.max(tl.abs(x), axis=2, keep_dims=True), axis=1, keep_dims=True)  # [G, 1, 1]
+    scale = tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.where(amax > 0, amax, 1.0))
+    v = x * tl.where(amax > 0, scale, 0.0)
+    low = tl.floor(v)
+    q = tl.minimum(tl.maximum(tl.where(v >= low + 0.5, low + 1.0, low), -127.0), 127.0)
+    d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    return q, d, tl.sum(q, axis=2, keep_dims=True) * d
+
+
+@triton.jit
 def _round_x_kernel(x_ptr, q_ptr, d_ptr, sums_ptr, K, GATED: tl.constexpr, GROUPS: tl.constexpr,
                     PDL: tl.constexpr):
     group = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)[:, None, None]  # [GROUPS, 1, 1] groups of 32
@@ -578,17 +592,17 @@ def _round_x_kernel(x_ptr, q_ptr, d_ptr, sums_ptr, K, GATED: tl.constexpr, GROUP
     if GATED:
         up = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
         x = activation.silu_times(x, up).to(x_ptr.dtype.element_ty).to(tl.float32)
-    amax = tl.max(tl.max(tl.abs(x), axis=2, keep_dims=True), axis=1, keep_dims=True)  # [GROUPS, 1, 1]
-    # as round_x_reference: divisions rounded to nearest (GPUs divide approximately by default)
-    scale = tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.where(amax > 0, amax, 1.0))
-    v = x * tl.where(amax > 0, scale, 0.0)
-    low = tl.floor(v)
-    q = tl.minimum(tl.maximum(tl.where(v >= low + 0.5, low + 1.0, low), -127.0), 127.0)
+    q, d, sums = round_groups(x)
     tl.store(q_ptr + k, q.to(tl.int8), mask=mask)
-    d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
     group_mask = group * 32 < K
     tl.store(d_ptr + group, d, mask=group_mask)
-    tl.store(sums_ptr + group * 2 + half, tl.sum(q, axis=2, keep_dims=True) * d, mask=group_mask)
+    tl.store(sums_ptr + group * 2 + half, sums, mask=group_mask)
+
+
+def empty_rounded(K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs for round_x's values of a row of K: (q int8 [K], d fp32 [K / 32], sums fp32 [K / 16])."""
+    return (torch.empty(K, dtype=torch.int8, device=device), torch.empty(K // 32, dtype=torch.float32, device=device),
+            torch.empty(K // 16, dtype=torch.float32, device=device))
 
 
 def round_x(x: torch.Tensor, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -597,9 +611,7 @@ def round_x(x: torch.Tensor, gated: bool = False) -> tuple[torch.Tensor, torch.T
     `round_x_reference`, and each 16 elements' d * sum(q) (the offsets of Q4_K's mins and Q6_K's -32)."""
     K = x.shape[-1] // (2 if gated else 1)
     assert x.shape[0] == 1 and x.stride(-1) == 1 and K % 32 == 0
-    q = torch.empty(K, dtype=torch.int8, device=x.device)
-    d = torch.empty(K // 32, dtype=torch.float32, device=x.device)
-    sums = torch.empty(K // 16, dtype=torch.float32, device=x.device)
+    q, d, sums = empty_rounded(K, x.device)
     groups = 8
     _round_x_kernel[(triton.cdiv(K // 32, groups),)](x, q, d, sums, K, GATED=gated, GROUPS=groups, num_warps=2,
                                                      **pdl.launch(x.device))

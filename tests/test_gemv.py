@@ -193,6 +193,15 @@ def test_integer_dot_is_within_the_rounding_of_x(name, gated):
     assert (err <= bound).all() and err.max() > 1e-5 * magnitude(args).max()
 
 
+def test_integer_dot_reads_a_given_rounding():
+    """gemv(rounded=) multiplies the values given (the RMSNorm's, a Concat's shared ones), not x's own rounding."""
+    args, block_k = packed_inputs("Q4_K", 13, 1, torch.float32, seed=8, layout=WORDS)
+    other = torch.randn_like(args["x"])
+    got = gemv.gemv(**args, rounded=quant.round_x(other), block_k=block_k)
+    assert torch.equal(got, gemv.gemv(**dict(args, x=other), block_k=block_k))
+    assert not torch.equal(got, gemv.gemv(**args, block_k=block_k))
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_round_x_matches_its_reference(gated):
     """round_x's int8 values and scales give x_hat exactly; its sums are d * sum(q) of each 16 elements; a group

@@ -42,3 +42,16 @@ def test_strided_rows():
     wide = torch.randn(6, 300).to(torch.float16)
     wide[:, 50:242] = x
     torch.testing.assert_close(rms_norm(wide[:, 50:242], w, 1e-6), reference(x, w, 1e-6), **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("hidden", [96, 896])
+def test_rms_norm_rounds_its_row_as_round_x(hidden):
+    """With round_x, the same launch gives quant.round_x's values of its output (896: groups past the row in the
+    program's power-of-two tile, not stored)."""
+    from infer.kernels.quant import round_x
+
+    x, w = inputs(1, hidden, torch.float16, seed=hidden)
+    out, rounded = rms_norm(x, w, 1e-5, round_x=True)
+    assert torch.equal(out, rms_norm(x, w, 1e-5))
+    for got, want in zip(rounded, round_x(out)):
+        assert torch.equal(got, want)
