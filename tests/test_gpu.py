@@ -382,6 +382,20 @@ def test_rms_norm(T, hidden):
     assert rel_err(got, ref) < 1e-2 and mostly_equal(got, ref)
 
 
+@pytest.mark.parametrize("hidden", [4096, 896])
+def test_rms_norm_rounds_as_round_x(hidden):
+    """The RMSNorm's own rounding of its row (for the integer dot) equals round_x of its output, bit for bit."""
+    from infer.kernels.norm import rms_norm
+    from infer.kernels.quant import round_x
+
+    gen = torch.Generator().manual_seed(hidden)
+    x, w = 3 * randn(1, hidden, gen=gen), 1 + 0.1 * randn(hidden, gen=gen)
+    out, rounded = rms_norm(x, w, 1e-6, round_x=True)
+    assert torch.equal(out, rms_norm(x, w, 1e-6))
+    for got, want in zip(rounded, round_x(out)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("T, I", [(1, 14336), (5, 1536), (9, 4864)])
 def test_silu_mul(T, I):
     from infer.kernels.activation import reference, silu_mul
