@@ -18,7 +18,7 @@ decode step slower (BENCHMARKS.md). For the integer dot (below) it also writes i
 `gemv` (T = 1): each program owns BLOCK_N rows of W. A dense W is walked in BLOCK_K steps multiply-adding into a
 fp32 [BLOCK_N, BLOCK_K] tile summed once at the end; a packed W in groups of NB blocks decoded in registers by
 quant.decode, each of its two halves multiplied by x read at its columns and added up in the shape it was decoded
-in. Except where `integer_dot` (Q4_K, Q6_K and Q8_0 rows of aligned words): there x is rounded to 8 bits per 32
+in. Except where `integer_dot` (Q4_K, Q5_K, Q6_K and Q8_0 rows of aligned words): there x is rounded to 8 bits per 32
 elements first (quant.round_x) and the groups meet it in integer dot products (quant.dot), as llama.cpp's GPU decode
 does, 1.6-1.8x faster on an H200 (BENCHMARKS.md); the result is then `reference` of x_hat =
 quant.round_x_reference(x), not of x. `skinny_gemm` (T = 2..16, packed W): each decoded half serves all T rows

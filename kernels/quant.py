@@ -544,13 +544,13 @@ def dequantize(data: torch.Tensor, qtype, out_dtype: torch.dtype = torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Integer dot products (the one-row GEMV of Q4_K, Q6_K and Q8_0, as llama.cpp's MMVQ): x is rounded to 8 bits per
+# Integer dot products (the one-row GEMV of Q4_K, Q5_K, Q6_K and Q8_0, as llama.cpp's MMVQ): x is rounded to 8 bits per
 # 32 elements once per layer (`round_x`), and each 32-bit word of quants meets 4 bytes of x in one dp4a (4 int8
 # products summed into an int32) instead of being decoded to floats. The result is exactly the weights' values
 # (`reference`) times x_hat (`round_x_reference`), up to the order of the fp32 sums: the integer sums are exact,
 # and each block's scales multiply them in fp32.
 
-DOT_TYPES = ("Q4_K", "Q6_K", "Q8_0")
+DOT_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
 
 def round_x_reference(x: torch.Tensor) -> torch.Tensor:
@@ -684,12 +684,15 @@ def _past_the_row(total, block, NB: tl.constexpr, n_blocks):
 
 
 @triton.jit
-def dot_q4_k(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
-             HARDWARE: tl.constexpr):
-    # As 32-bit words, a block is [d | dmin], the three scale words (see _blocks256), then quant word 8 g + w at
-    # 4 + 8 g + w: its low nibbles are elements 64 g + 4 w .. + 3 (sub-block 2 g), its high nibbles the 32 after
-    # them (sub-block 2 g + 1). element = (d * scale) * q - dmin * min.
-    w4, j, words = _dot_tile(row_off, block, NB, n_blocks, 144, w_ptr)  # [BLOCK_N, NB, 4]
+def dot_k_pairs(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE: tl.constexpr,
+                FIVE_BITS: tl.constexpr):
+    # Q4_K, or Q5_K with FIVE_BITS. As 32-bit words, a block is [d | dmin], the three scale words (see _blocks256),
+    # Q5_K's 8 qh words, then quant word 8 g + w: its low nibbles are elements 64 g + 4 w .. + 3 (sub-block 2 g),
+    # its high nibbles the 32 after them (sub-block 2 g + 1); Q5_K's fifth bits of those are bits 2 g and 2 g + 1 of
+    # qh word w's bytes. element = (d * scale) * q - dmin * min.
+    BYTES: tl.constexpr = 176 if FIVE_BITS else 144
+    QS: tl.constexpr = 12 if FIVE_BITS else 4  # the first quant word
+    w4, j, words = _dot_tile(row_off, block, NB, n_blocks, BYTES, w_ptr)  # [BLOCK_N, NB, 4]
     x_words = _x_words(xq_ptr, j, 64, w4, words)
     x_d = _x_words(xd_ptr, j, 8, w4, words)  # x's d, one per 32
     x_sums = _x_words(xs_ptr, j, 16, w4, words)  # x_hat's sums, one per 16
@@ -698,6 +701,8 @@ def dot_q4_k(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, 
     d = (d_and_min & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (d_and_min >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     s, m, low = _word(header, w4, 1), _word(header, w4, 2), _word(header, w4, 3)
+    if FIVE_BITS:
+        qh = tl.load(words + 4), tl.load(words + 8)  # qh words 0-3 and 4-7, [BLOCK_N, NB, 4] each
     total = tl.zeros([row_off.shape[0], NB], dtype=tl.float32)
     for g in tl.static_range(4):
         d_low, m_low, d_high, m_high = _k_pair_scales(d, dmin, s, m, low, g)  # [BLOCK_N, NB]
@@ -706,11 +711,13 @@ def dot_q4_k(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, 
         sum_low = tl.zeros(header.shape, dtype=tl.int32)
         sum_high = tl.zeros(header.shape, dtype=tl.int32)
         for half in tl.static_range(2):
-            q = tl.load(words + 4 + 8 * g + 4 * half)  # [BLOCK_N, NB, 4]
-            x_low = tl.load(x_words + 16 * g + 4 * half)
-            x_high = tl.load(x_words + 16 * g + 8 + 4 * half)
-            sum_low = dp4a(q & 0x0F0F0F0F, x_low, sum_low, HARDWARE)
-            sum_high = dp4a((q >> 4) & 0x0F0F0F0F, x_high, sum_high, HARDWARE)
+            q = tl.load(words + QS + 8 * g + 4 * half)  # [BLOCK_N, NB, 4]
+            q_low, q_high = q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F
+            if FIVE_BITS:
+                q_low |= ((qh[half] >> (2 * g)) & 0x01010101) << 4
+                q_high |= ((qh[half] >> (2 * g + 1)) & 0x01010101) << 4
+            sum_low = dp4a(q_low, tl.load(x_words + 16 * g + 4 * half), sum_low, HARDWARE)
+            sum_high = dp4a(q_high, tl.load(x_words + 16 * g + 8 + 4 * half), sum_high, HARDWARE)
         # dot = d * scale * (x's d * sum(q * x's q)) - dmin * min * sum(x_hat), per sub-block
         total += (d_low * _fp32_word(xd, w4, 2 * g % 4) * tl.sum(sum_low, axis=2).to(tl.float32)
                   - m_low * (_fp32_word(xs, w4, 0) + _fp32_word(xs, w4, 1))
@@ -779,9 +786,9 @@ def dot_q8_0(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, 
 @triton.jit
 def dot(w_ptr, row_off, block, QTYPE: tl.constexpr, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
         HARDWARE: tl.constexpr):
-    """dot_<QTYPE>, QTYPE one of DOT_TYPES."""
-    if QTYPE == "Q4_K":
-        return dot_q4_k(w_ptr, row_off, block, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
+    """dot_<QTYPE> (dot_k_pairs for Q4_K and Q5_K), QTYPE one of DOT_TYPES."""
+    if QTYPE == "Q4_K" or QTYPE == "Q5_K":
+        return dot_k_pairs(w_ptr, row_off, block, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE, QTYPE == "Q5_K")
     elif QTYPE == "Q6_K":
         return dot_q6_k(w_ptr, row_off, block, NB, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE)
     else:
