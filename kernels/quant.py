@@ -559,11 +559,12 @@ def round_x_reference(x: torch.Tensor) -> torch.Tensor:
     v = x * (127 / max|x|) (0 where max|x| = 0); fp32 [K]. Every operation is exactly rounded (no sum that a
     compiler could fuse with a product), so that round_x gives the same bits on any device."""
     groups = x.float().reshape(-1, 32)  # [K / 32, 32]
-    amax = groups.abs().amax(-1, keepdim=True)
-    v = groups * torch.where(amax > 0, 127.0 / amax, 0.0)
+    amax = groups.abs().amax(-1, keepdim=True)  # [K / 32, 1]
+    full = torch.full_like(amax, 127.0)  # a tensor: torch divides by a Python number, or one into it, by reciprocal
+    v = groups * torch.where(amax > 0, full / amax, 0.0)
     low = torch.floor(v)
     q = torch.where(v >= low + 0.5, low + 1, low).clamp(-127, 127)
-    return (q * (amax / 127.0)).reshape(-1)
+    return (q * (amax / full)).reshape(-1)
 
 
 @triton.jit

@@ -448,7 +448,9 @@ def test_packed_gemv_and_skinny_gemm(qtype, N, K, options):
         if T == 1 and integer_dot(quant_type(qtype), weight.shape[1]):  # x rounded to 8 bits per 32, as round_x
             q, d, _ = round_x(x, args["gated"])  # (test_round_x checks it against its reference)
             x_hat = (q.float().reshape(-1, 32) * d[:, None]).reshape(1, -1)
-            ref = reference(x_hat, weight, **dict(args, gated=False), qtype=qtype).to(x.dtype)
+            ref = reference(x_hat, weight, **dict(args, gated=False, residual=None), qtype=qtype).to(x.dtype)
+            if residual is not None:  # added to the product rounded to x's dtype, as the kernel and `reference` do
+                ref = (residual.float() + ref.float()).to(x.dtype)
         if T > 1:  # the skinny matmul multiplies weights rounded to x's dtype, as cuBLAS on dequantized ones would
             ref = reference(x, dequantize(weight, qtype, x.dtype), **args)
         if T == 1:
