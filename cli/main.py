@@ -231,6 +231,8 @@ def cmd_bench(args) -> None:
         title = f"{args.model}"
     else:
         title = f"{args.shape} (random weights{', ' + args.quant if args.quant else ''})"
+    if min(args.prompt_tokens + args.depths + [args.gen_tokens]) < 0:
+        raise InferError("-p, -n and -d count tokens: 0 or more (-p 0 and -n 0 skip the pp and tg rows)")
     if any(not 2 <= width <= WIDTHS[-1] for width in args.verify):
         raise InferError(f"--verify takes widths from 2 to {WIDTHS[-1]}: a pass verifies at most {WIDTHS[-1] - 1} drafts")
     sparse = dict(mode=args.sparse, **summary_overrides(args))
@@ -538,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quant", choices=("q4_k_m", "q8_0", "int4", "int8"),
                        help="random weights in these GGML types (q4_k_m: as llama-quantize's Q4_K_M; int4/int8: as "
                             "--quantize makes them) instead of --dtype")
-    bench.add_argument("-p", "--prompt-tokens", type=_int_list, default=[512], help="prefill lengths, comma-separated")
-    bench.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens decoded per tg row")
+    bench.add_argument("-p", "--prompt-tokens", type=_int_list, default=[512], help="prefill lengths, comma-separated (0: no pp rows)")
+    bench.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens decoded per tg row (0: no tg rows)")
     bench.add_argument("-d", "--depths", type=_int_list, default=[0], help="cached tokens before decoding, comma-separated")
     bench.add_argument("--sparse", choices=("auto", "on", "off"), default="auto",
                        help="block-sparse attention as in the engine (default auto: sparse past 8192 tokens)")

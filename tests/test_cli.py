@@ -122,6 +122,18 @@ def test_bench_with_sparse_attention_runs_on_cpu_without_the_triton_interpreter(
     assert rows[4][1]["bytes_per_token"] > rows[0][1]["bytes_per_token"]
 
 
+def test_bench_skips_the_rows_of_a_zero_count_and_refuses_a_negative_one():
+    """-p 0 / -n 0 leave out the prefill / decode rows, as in llama-bench."""
+    args = ["bench", "--shape", "smollm2-135m", "--device", "cpu", "--sparse", "off", "--json", "--eager"]
+    out = infer(*args, "-p", "0", "-n", "2", "-d", "8")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [(r["test"], r["depth"]) for r in json.loads(out.stdout)] == [("tg2", 8)]
+    out = infer(*args, "-p", "8", "-n", "0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [(r["test"], r["depth"]) for r in json.loads(out.stdout)] == [("pp8", 0)]
+    assert_one_line_error(infer("bench", "--shape", "smollm2-135m", "--device", "cpu", "-d", "-1"), "-d")
+
+
 def test_bench_names_a_bad_summary_flag():
     assert_one_line_error(infer("bench", "--shape", "smollm2-135m", "--device", "cpu", "--summary-stride", "0"),
                           "--summary-stride")

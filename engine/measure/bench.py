@@ -147,8 +147,8 @@ class Plan:
     path: Path | None  # a checkpoint instead of the shape
     dtype: torch.dtype
     sparse: dict  # SparseConfig overrides: the mode, and the summaries' size and stride (None: the model's)
-    prompt_tokens: list[int]  # a ppN row each
-    gen_tokens: int
+    prompt_tokens: list[int]  # a ppN row each (0: none, as llama-bench's -p 0)
+    gen_tokens: int  # tokens of each tg / vN row (0: no such rows)
     depths: list[int]
     widths: list[int]  # 1 (tg rows), then the verification widths (vN rows)
     graphs: bool
@@ -160,9 +160,9 @@ class Plan:
 
     def rows(self, model: Transformer) -> list[BenchRow]:
         sparse = sparse_config(model.cfg.sparse, **self.sparse)
-        rows = [run_prefill(model, n, sparse, graphs=self.graphs) for n in self.prompt_tokens]
+        rows = [run_prefill(model, n, sparse, graphs=self.graphs) for n in self.prompt_tokens if n]
         return rows + [run_decode(model, self.gen_tokens, d, sparse, self.graphs, width)
-                       for width in self.widths for d in self.depths]
+                       for width in self.widths for d in self.depths if self.gen_tokens]
 
 
 def bench_group(plan: Plan, device: torch.device, tp: int) -> Parallel | None:
