@@ -67,16 +67,21 @@ def model_memory(cfg: ModelConfig, weight_bytes: int, dtype: torch.dtype, chunk:
     return ModelMemory(weight_bytes, work, int((kv + summaries) * dtype.itemsize + 1))
 
 
+def check_context(requested: int, model_context: int) -> None:
+    """A requested KV cache length (--max-context) holds 2 tokens or more, and no more than the model's context."""
+    if requested < 2:
+        raise ParameterError("max_context", f"must be at least 2 tokens, got {requested}")
+    if requested > model_context:
+        raise ParameterError("max_context", f"{requested} is beyond the model's context of {model_context} tokens")
+
+
 def fit_context(models: list[ModelMemory], device: torch.device, requested: int | None,
                 model_context: int) -> tuple[int, str]:
     """The KV cache length every one of `models` gets: `requested` (checked against the model's context and the free
     memory), or by default the model's context, lowered to what fits. Returns it with a note ("" when nothing was
     lowered) that says why it was lowered."""
     if requested is not None:
-        if requested < 2:
-            raise ParameterError("max_context", f"must be at least 2 tokens, got {requested}")
-        if requested > model_context:
-            raise ParameterError("max_context", f"{requested} is beyond the model's context of {model_context} tokens")
+        check_context(requested, model_context)
     free = int(free_memory(device) * USABLE) - SLACK_BYTES
     fixed = sum(m.weights + m.work for m in models)
     per_token = sum(m.per_token for m in models)

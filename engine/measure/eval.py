@@ -33,6 +33,7 @@ import torch
 from ..attention import SelectionRecord, latest_read, selection_tile, uses_sparse
 from ..errors import InferError
 from ..generate import Engine
+from ..memory import check_context
 from ..tokenizer import Tokenizer
 from ..weights import Checkpoint
 
@@ -328,9 +329,13 @@ def run_nll(dense: Engine, sparse: Engine, num_tokens: int, text_path: str | Pat
 
 
 def model_context(model_dir: Path, max_context: int | None) -> int:
-    """The tokens an Engine's cache will hold: --max-context, at most the model's own context."""
+    """The tokens an Engine's cache will hold: --max-context (checked as the Engine checks it) or the model's own
+    context."""
     cfg = Checkpoint(model_dir).config()
-    return min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if max_context is None:
+        return cfg.max_position_embeddings
+    check_context(max_context, cfg.max_position_embeddings)
+    return max_context
 
 
 def check_request(model_dir: Path, max_context: int | None, lengths: list[int], depths: list[float],
@@ -341,10 +346,11 @@ def check_request(model_dir: Path, max_context: int | None, lengths: list[int], 
         raise InferError("nothing to evaluate: give passkey --lengths or --nll-tokens")
     if lengths and not depths:
         raise InferError("give at least one needle depth (--depths)")
-    if any(d < 0 or d > 1 for d in depths):
+    if not all(0 <= d <= 1 for d in depths):  # (nan too)
         raise InferError(f"needle depths are fractions of the document, from 0 to 1; got {','.join(map(str, depths))}")
-    if answer_tokens < 1:
-        raise InferError("--answer-tokens must be at least 1")
+    if not 1 <= answer_tokens < context:
+        raise InferError(f"--answer-tokens must be at least 1 and leave room for a prompt in the {context}-token "
+                         f"context, got {answer_tokens}")
     for length in lengths:
         if length < 1 or length + answer_tokens > context:
             raise InferError(f"a passkey prompt of {length} tokens plus {answer_tokens} answer tokens does not fit "
