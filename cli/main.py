@@ -233,6 +233,8 @@ def cmd_bench(args) -> None:
         title = f"{args.shape} (random weights{', ' + args.quant if args.quant else ''})"
     if min(args.prompt_tokens + args.depths + [args.gen_tokens]) < 0:
         raise InferError("-p, -n and -d count tokens: 0 or more (-p 0 and -n 0 skip the pp and tg rows)")
+    if not any(args.prompt_tokens) and not args.gen_tokens:
+        raise InferError("nothing to time: -p 0 and -n 0 leave no pp and no tg rows")
     if any(not 2 <= width <= WIDTHS[-1] for width in args.verify):
         raise InferError(f"--verify takes widths from 2 to {WIDTHS[-1]}: a pass verifies at most {WIDTHS[-1] - 1} drafts")
     sparse = dict(mode=args.sparse, **summary_overrides(args))

@@ -132,6 +132,8 @@ def test_bench_skips_the_rows_of_a_zero_count_and_refuses_a_negative_one():
     assert out.returncode == 0, out.stderr[-2000:]
     assert [(r["test"], r["depth"]) for r in json.loads(out.stdout)] == [("pp8", 0)]
     assert_one_line_error(infer("bench", "--shape", "smollm2-135m", "--device", "cpu", "-d", "-1"), "-d")
+    assert_one_line_error(infer("bench", "--shape", "smollm2-135m", "--device", "cpu", "-p", "0", "-n", "0"),
+                          "nothing to time")
 
 
 def test_bench_names_a_bad_summary_flag():
