@@ -273,7 +273,7 @@ def packed_tile(qt: quant.QuantType, n_blocks: int, dot: bool) -> tuple[int, int
     sweeps on an H200 at the Llama-3-8B shapes (BENCHMARKS.md); the integer dot's give each of DOT_THREADS threads
     one (row, block)."""
     if dot:
-        nb = dot_blocks(n_blocks)
+        nb = dot_blocks(n_blocks, 4 if qt.name in quant.CHUNKED else 64)
         return max(1, DOT_THREADS // nb), nb * qt.block_elems, DOT_THREADS // 32
     if qt.name in ("Q6_K", "Q8_0"):
         return 8, 512, 4

@@ -3,8 +3,10 @@
 A 2-D weight of N rows of K elements is uint8 [N, K // block_elems * block_bytes], each row its blocks back to
 back (GGUF stores rows contiguously, so a tensor's raw bytes reshape to this): the file's layout, which `reference`
 reads. The kernels read the kernel layout (`to_kernel_layout`): the same for every type but Q8_0 and Q6_K, whose
-blocks (34 and 210 bytes) leave their quants only 2-byte aligned; there each block's fp16 scale d moves to the end
-of its row, so that the quants can be read as aligned 32-bit words. F32, F16 and BF16 are "blocks" of one element
+blocks (34 and 210 bytes) leave their quants only 2-byte aligned, so each block's fp16 scale d moves to the end of
+its row (the quants can then be read as aligned 32-bit words), and the K-quants, whose rows are stored by 16-byte
+chunks of their blocks (a load of the same chunk of consecutive blocks is then one contiguous run). F32, F16 and
+BF16 are "blocks" of one element
 to the reference (the loader keeps those weights dense: no kernel decodes them).
 
 Semantics (`reference`): the float32 values gguf-py's `gguf.quants.dequantize` gives, bit for bit, computed with
@@ -268,31 +270,52 @@ def random_blocks(qtype, rows: int, cols: int, device: torch.device, std: float 
 
 
 SCALE_MOVED_FROM = {"Q8_0": 0, "Q6_K": 208}  # the types whose kernel layout moves d, and where a block holds it
+CHUNKED = ("Q4_K", "Q5_K", "Q6_K")  # the types whose kernel layout stores a row's block bodies by 16-byte chunks
+CHUNK = 16  # bytes
+
+
+def _body_bytes(qt: QuantType) -> int:
+    """The bytes of a block that stay in place in the kernel layout (all but a moved d)."""
+    return qt.block_bytes - (2 if qt.name in SCALE_MOVED_FROM else 0)
 
 
 def to_kernel_layout(data: torch.Tensor, qtype) -> torch.Tensor:
-    """Blocks uint8 [N, row_bytes] in the file's layout -> the kernel layout (new, same shape): for Q8_0 and Q6_K
-    a row becomes its blocks without their d (32 and 208 bytes each: their quants 4-byte aligned), then the
-    blocks' d in block order; other types are returned as they are."""
+    """Blocks uint8 [N, row_bytes] in the file's layout -> the kernel layout (new, same shape):
+    - Q8_0 and Q6_K: a row becomes its blocks without their d (32 and 208 bytes each: their quants 4-byte aligned),
+      then the blocks' d in block order;
+    - Q4_K, Q5_K and Q6_K: a row's block bodies (144, 176, 208 bytes) are stored chunk-major: chunk c (bytes
+      16c .. 16c + 15 of a body) of block b at 16 (c n_blocks + b). Threads that take consecutive blocks of a row
+      then read one contiguous run per load, where the blocks' own strides left each 16-byte load its own cache line;
+    other types are returned as they are."""
     qt = quant_type(qtype)
     at = SCALE_MOVED_FROM.get(qt.name)
-    if at is None:
+    if at is None and qt.name not in CHUNKED:
         return data
-    blocks = data.reshape(data.shape[0], -1, qt.block_bytes)  # [N, n_blocks, block_bytes]
-    body = torch.cat([blocks[..., :at], blocks[..., at + 2:]], dim=-1)  # [N, n_blocks, block_bytes - 2]
-    return torch.cat([body.flatten(1), blocks[..., at:at + 2].flatten(1)], dim=1)
+    N = data.shape[0]
+    blocks = data.reshape(N, -1, qt.block_bytes)  # [N, n_blocks, block_bytes]
+    body = blocks if at is None else torch.cat([blocks[..., :at], blocks[..., at + 2:]], dim=-1)  # [N, n_blocks, B]
+    if qt.name in CHUNKED:
+        body = body.reshape(N, body.shape[1], -1, CHUNK).transpose(1, 2)  # [N, B / 16, n_blocks, 16]
+    moved = [] if at is None else [blocks[..., at:at + 2].flatten(1)]
+    return torch.cat([body.flatten(1)] + moved, dim=1)
 
 
 def from_kernel_layout(data: torch.Tensor, qtype) -> torch.Tensor:
     """The inverse of to_kernel_layout."""
     qt = quant_type(qtype)
     at = SCALE_MOVED_FROM.get(qt.name)
-    if at is None:
+    if at is None and qt.name not in CHUNKED:
         return data
     N, row_bytes = data.shape
     n_blocks = row_bytes // qt.block_bytes
-    body = data[:, :n_blocks * (qt.block_bytes - 2)].reshape(N, n_blocks, qt.block_bytes - 2)
-    d = data[:, n_blocks * (qt.block_bytes - 2):].reshape(N, n_blocks, 2)
+    body_bytes = _body_bytes(qt)
+    body = data[:, :n_blocks * body_bytes]
+    if qt.name in CHUNKED:
+        body = body.reshape(N, body_bytes // CHUNK, n_blocks, CHUNK).transpose(1, 2)  # [N, n_blocks, B / 16, 16]
+    body = body.reshape(N, n_blocks, body_bytes)
+    if at is None:
+        return body.reshape(N, row_bytes).contiguous()
+    d = data[:, n_blocks * body_bytes:].reshape(N, n_blocks, 2)
     return torch.cat([body[..., :at], d, body[..., at:]], dim=-1).reshape(N, row_bytes)
 
 
@@ -394,15 +417,22 @@ def decode_q5_1(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
 
 
 @triton.jit
-def _blocks256(w_ptr, row_off, block, row_mask, NB: tl.constexpr, BYTES: tl.constexpr):
-    """For Q4_K/Q5_K: the blocks' base pointers [BLOCK_N, NB, 1, 1], row mask [BLOCK_N, 1, 1, 1], group g
-    [1, 1, 4, 1] and byte i [1, 1, 1, 32] of the 4 groups of 32 quant bytes, each group's pair of (d * scale,
+def _chunked(base, offset, n_blocks):
+    """In a chunked row (see to_kernel_layout), the pointer to byte `offset` of the body of the block whose first
+    chunk is at base."""
+    return base + offset // 16 * (16 * n_blocks) + offset % 16
+
+
+@triton.jit
+def _blocks256(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
+    """For Q4_K/Q5_K (chunked rows): the blocks' first chunks [BLOCK_N, NB, 1, 1], row mask [BLOCK_N, 1, 1, 1], group
+    g [1, 1, 4, 1] and byte i [1, 1, 1, 32] of the 4 groups of 32 quant bytes, each group's pair of (d * scale,
     dmin * min) of its low-nibble sub-block 2g and high-nibble sub-block 2g + 1 [BLOCK_N, NB, 4, 1], and the
     element index of each byte's low nibble, 64g + i [1, NB, 4, 32]."""
     j = tl.arange(0, NB)[None, :, None, None]  # [1, NB, 1, 1]
     g = tl.arange(0, 4)[None, None, :, None]  # [1, 1, 4, 1]
     i = tl.arange(0, 32)[None, None, None, :]  # [1, 1, 1, 32]
-    base = w_ptr + row_off[:, None, None, None] + (block + j) * BYTES  # [BLOCK_N, NB, 1, 1]
+    base = w_ptr + row_off[:, None, None, None] + (block + j) * 16  # [BLOCK_N, NB, 1, 1]
     mask = row_mask[:, None, None, None]
     d = _load(base, 0, mask, tl.float16).to(tl.float32)  # [BLOCK_N, NB, 1, 1]
     dmin = _load(base, 2, mask, tl.float16).to(tl.float32)
@@ -430,8 +460,8 @@ def decode_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
     # d fp16 @0 | dmin fp16 @2 | 8 six-bit (scale, min) pairs @4 (see _k_scales) | qs[128] @16: byte 32g + i holds
     # elements 64g + i (low nibble, sub-block 2g) and 64g + 32 + i (high nibble, sub-block 2g + 1);
     # element = (d * scale) * q - dmin * min
-    base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, 144)
-    qs = _load(base, 16 + g * 32 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
+    base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, n_blocks)
+    qs = _load(_chunked(base, 16 + g * 32 + i, n_blocks), 0, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
     return d_low * (qs & 15).to(tl.float32) - m_low, col, d_high * (qs >> 4).to(tl.float32) - m_high, col + 32
 
 
@@ -439,9 +469,9 @@ def decode_q4_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
 def decode_q5_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
     # as Q4_K, with qh[32] @16: bit k of byte i is bit 4 of element 32k + i, so bits 2g and 2g + 1 of byte i
     # belong to qs byte 32g + i's low and high nibble | qs[128] @48
-    base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, 176)
-    qh = _load(base, 16 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 1, 32]
-    qs = _load(base, 48 + g * 32 + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
+    base, mask, g, i, d_low, m_low, d_high, m_high, col = _blocks256(w_ptr, row_off, block, row_mask, NB, n_blocks)
+    qh = _load(_chunked(base, 16 + i, n_blocks), 0, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 1, 32]
+    qs = _load(_chunked(base, 48 + g * 32 + i, n_blocks), 0, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 4, 32]
     q_low = (qs & 15) | (((qh >> (2 * g)) & 1) << 4)
     q_high = (qs >> 4) | (((qh >> (2 * g + 1)) & 1) << 4)
     return d_low * q_low.to(tl.float32) - m_low, col, d_high * q_high.to(tl.float32) - m_high, col + 32
@@ -449,8 +479,8 @@ def decode_q5_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
 
 @triton.jit
 def decode_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
-    # ql[128] @0 | qh[64] @128 | scales int8[16] @192 (see _ref_q6_k) of block b at 208 b, its d fp16 at
-    # 208 n_blocks + 2 b (the kernel layout). ql is read as 8 runs u of 16
+    # ql[128] @0 | qh[64] @128 | scales int8[16] @192 (see _ref_q6_k): block b's body, chunked (its first chunk at
+    # 16 b), its d fp16 at 208 n_blocks + 2 b (the kernel layout). ql is read as 8 runs u of 16
     # bytes, u = 4h + 2k + t: byte 16u + i holds elements e = 128h + 32k + 16t + i (low nibble) and e + 64 (high
     # nibble), whose top 2 bits are bits 2k (and 2k + 4) of qh byte 32h + 16t + i (each qh run is read twice, for
     # k = 0 and 1), and whose scales are scales[e // 16] = scales[8h + 2k + t] (and scales[8h + 4 + 2k + t]).
@@ -458,13 +488,14 @@ def decode_q6_k(w_ptr, row_off, block, row_mask, NB: tl.constexpr, n_blocks):
     u = tl.arange(0, 8)[None, None, :, None]  # [1, 1, 8, 1]
     i = tl.arange(0, 16)[None, None, None, :]  # [1, 1, 1, 16]
     h, k, t = u // 4, (u // 2) % 2, u % 2
-    base = w_ptr + row_off[:, None, None, None] + (block + j) * 208  # [BLOCK_N, NB, 1, 1]
+    base = w_ptr + row_off[:, None, None, None] + (block + j) * 16  # [BLOCK_N, NB, 1, 1]
     mask = row_mask[:, None, None, None]
     d = _load(w_ptr + row_off[:, None, None, None], 208 * n_blocks + 2 * (block + j), mask, tl.float16).to(tl.float32)
-    d_low = d * _load(base, 192 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)  # [BLOCK_N, NB, 8, 1]
-    d_high = d * _load(base, 196 + 8 * h + 2 * k + t, mask, tl.int8).to(tl.float32)
-    ql = _load(base, 16 * u + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 8, 16]
-    qh = _load(base, 128 + 32 * h + 16 * t + i, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 8, 16]
+    scales = _chunked(base, 192 + 8 * h + 2 * k + t, n_blocks)
+    d_low = d * _load(scales, 0, mask, tl.int8).to(tl.float32)  # [BLOCK_N, NB, 8, 1]
+    d_high = d * _load(scales, 4, mask, tl.int8).to(tl.float32)
+    ql = _load(_chunked(base, 16 * u + i, n_blocks), 0, mask, tl.uint8).to(tl.int32)  # [BLOCK_N, NB, 8, 16]
+    qh = _load(_chunked(base, 128 + 32 * h + 16 * t + i, n_blocks), 0, mask, tl.uint8).to(tl.int32)
     q_low = ((ql & 15) | (((qh >> (2 * k)) & 3) << 4)) - 32
     q_high = ((ql >> 4) | (((qh >> (2 * k + 4)) & 3) << 4)) - 32
     col = j * 256 + 128 * h + 32 * k + 16 * t + i  # [1, NB, 8, 16]
@@ -643,13 +674,21 @@ def dp4a(a, b, c, HARDWARE: tl.constexpr):
 
 @triton.jit
 def _dot_tile(row_off, block, NB: tl.constexpr, n_blocks, BYTES: tl.constexpr, w_ptr):
-    """The addressing every dot_<type> shares, for blocks of BYTES bytes: (w4 [1, 1, 4], the blocks' index in the
-    row [1, NB, 1] with those past its end clamped to its last (no load is masked: a clamped block's sum is
-    dropped, an out-of-range row's never stored), the weight's words at the blocks' starts + w4 [BLOCK_N, NB, 4])."""
+    """The addressing every dot_<type> shares, for blocks BYTES bytes apart (16 in a chunked row: its blocks'
+    first chunks): (w4 [1, 1, 4], the blocks' index in the row [1, NB, 1] with those past its end clamped to its
+    last (no load is masked: a clamped block's sum is dropped, an out-of-range row's never stored), the weight's
+    words at the blocks' starts + w4 [BLOCK_N, NB, 4])."""
     j = tl.minimum(block + tl.arange(0, NB)[None, :, None], n_blocks - 1)  # [1, NB, 1]
     w4 = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
     words = (w_ptr + row_off).to(tl.pointer_type(tl.int32))[:, None, None] + j * (BYTES // 4) + w4
     return w4, j, words
+
+
+@triton.jit
+def _chunk(words, c: tl.constexpr, n_blocks):
+    """For a chunked row (see to_kernel_layout) whose blocks' first chunks' words are `words` (_dot_tile with BYTES
+    16): their chunk c's words."""
+    return words + c * (4 * n_blocks)
 
 
 @triton.jit
@@ -687,13 +726,13 @@ def _past_the_row(total, block, NB: tl.constexpr, n_blocks):
 @triton.jit
 def dot_k_pairs(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr, HARDWARE: tl.constexpr,
                 FIVE_BITS: tl.constexpr):
-    # Q4_K, or Q5_K with FIVE_BITS. As 32-bit words, a block is [d | dmin], the three scale words (see _blocks256),
-    # Q5_K's 8 qh words, then quant word 8 g + w: its low nibbles are elements 64 g + 4 w .. + 3 (sub-block 2 g),
-    # its high nibbles the 32 after them (sub-block 2 g + 1); Q5_K's fifth bits of those are bits 2 g and 2 g + 1 of
-    # qh word w's bytes. element = (d * scale) * q - dmin * min.
-    BYTES: tl.constexpr = 176 if FIVE_BITS else 144
-    QS: tl.constexpr = 12 if FIVE_BITS else 4  # the first quant word
-    w4, j, words = _dot_tile(row_off, block, NB, n_blocks, BYTES, w_ptr)  # [BLOCK_N, NB, 4]
+    # Q4_K, or Q5_K with FIVE_BITS, in chunks of 4 words (chunked rows). A block's chunk 0 is [d | dmin] and the
+    # three scale words (see _blocks256), Q5_K's chunks 1 and 2 its 8 qh words, then quant word 8 g + w (chunk
+    # QS + 2 g + w // 4): its low nibbles are elements 64 g + 4 w .. + 3 (sub-block 2 g), its high nibbles the 32
+    # after them (sub-block 2 g + 1); Q5_K's fifth bits of those are bits 2 g and 2 g + 1 of qh word w's bytes.
+    # element = (d * scale) * q - dmin * min.
+    QS: tl.constexpr = 3 if FIVE_BITS else 1  # the first quant chunk
+    w4, j, words = _dot_tile(row_off, block, NB, n_blocks, 16, w_ptr)  # [BLOCK_N, NB, 4]
     x_words = _x_words(xq_ptr, j, 64, w4, words)
     x_d = _x_words(xd_ptr, j, 8, w4, words)  # x's d, one per 32
     x_sums = _x_words(xs_ptr, j, 16, w4, words)  # x_hat's sums, one per 16
@@ -703,7 +742,7 @@ def dot_k_pairs(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_pt
     dmin = (d_and_min >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     s, m, low = _word(header, w4, 1), _word(header, w4, 2), _word(header, w4, 3)
     if FIVE_BITS:
-        qh = tl.load(words + 4), tl.load(words + 8)  # qh words 0-3 and 4-7, [BLOCK_N, NB, 4] each
+        qh = tl.load(_chunk(words, 1, n_blocks)), tl.load(_chunk(words, 2, n_blocks))  # qh words 0-3, 4-7
     total = tl.zeros([row_off.shape[0], NB], dtype=tl.float32)
     for g in tl.static_range(4):
         d_low, m_low, d_high, m_high = _k_pair_scales(d, dmin, s, m, low, g)  # [BLOCK_N, NB]
@@ -712,7 +751,7 @@ def dot_k_pairs(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_pt
         sum_low = tl.zeros(header.shape, dtype=tl.int32)
         sum_high = tl.zeros(header.shape, dtype=tl.int32)
         for half in tl.static_range(2):
-            q = tl.load(words + QS + 8 * g + 4 * half)  # [BLOCK_N, NB, 4]
+            q = tl.load(_chunk(words, QS + 2 * g + half, n_blocks))  # [BLOCK_N, NB, 4]
             q_low, q_high = q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F
             if FIVE_BITS:
                 q_low |= ((qh[half] >> (2 * g)) & 0x01010101) << 4
@@ -730,25 +769,26 @@ def dot_k_pairs(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_pt
 @triton.jit
 def dot_q6_k(w_ptr, row_off, block, NB: tl.constexpr, n_blocks, xq_ptr, xd_ptr, xs_ptr,
              HARDWARE: tl.constexpr):
-    # Kernel layout, as 32-bit words: a block's ql at 0, qh at 32, its 16 int8 scales at 48 (d at the row's end).
-    # Run u = 4h + 2k + t (of decode_q6_k) is ql words 4u .. 4u + 3, whose low nibbles are elements
+    # Kernel layout, in chunks of 4 words (chunked rows): a block's ql in chunks 0-7, qh in 8-11, its 16 int8 scales
+    # in 12 (d at the row's end). Run u = 4h + 2k + t (of decode_q6_k) is ql chunk u's words w, whose low nibbles are
+    # elements
     # e = 128h + 32k + 16t + 4w .. + 3 and high nibbles e + 64, their top 2 bits in bits 2k (and 2k + 4) of qh word
-    # 8h + 4t + w's bytes; the 16 from e (and e + 64) have scale 8h + 2k + t (and that + 4).
+    # 8h + 4t + w's bytes (chunk 8 + 2h + t); the 16 from e (and e + 64) have scale 8h + 2k + t (and that + 4).
     # element = (d * scale) * (q - 32).
-    w4, j, words = _dot_tile(row_off, block, NB, n_blocks, 208, w_ptr)  # [BLOCK_N, NB, 4]
+    w4, j, words = _dot_tile(row_off, block, NB, n_blocks, 16, w_ptr)  # [BLOCK_N, NB, 4]
     x_words = _x_words(xq_ptr, j, 64, w4, words)
     x_d = _x_words(xd_ptr, j, 8, w4, words)  # x's d, one per 32
     x_sums = _x_words(xs_ptr, j, 16, w4, words)  # x_hat's sums, one per 16
-    scale_words = tl.load(words + 48)  # [BLOCK_N, NB, 4]
+    scale_words = tl.load(_chunk(words, 12, n_blocks))  # [BLOCK_N, NB, 4]
     total = tl.zeros([row_off.shape[0], NB], dtype=tl.float32)
     for h in tl.static_range(2):
         xd = tl.load(x_d + 4 * h)  # x's d of the 32s 4h .. 4h + 3
         xs_low = tl.load(x_sums + 8 * h)  # x_hat's sums of the 16s 8h .. 8h + 3
         xs_high = tl.load(x_sums + 8 * h + 4)  # .. and of the 4 after them
         for t in tl.static_range(2):
-            qh = tl.load(words + 32 + 8 * h + 4 * t)  # [BLOCK_N, NB, 4]
+            qh = tl.load(_chunk(words, 8 + 2 * h + t, n_blocks))  # [BLOCK_N, NB, 4]
             for k in tl.static_range(2):
-                ql = tl.load(words + 4 * (4 * h + 2 * k + t))
+                ql = tl.load(_chunk(words, 4 * h + 2 * k + t, n_blocks))
                 q_low = (ql & 0x0F0F0F0F) | (((qh >> (2 * k)) & 0x03030303) << 4)  # 4 quants 0..63
                 q_high = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * k + 4)) & 0x03030303) << 4)
                 at = 32 * h + 8 * k + 4 * t  # x's word of element e

@@ -157,17 +157,23 @@ def test_dequantize_equals_reference(name, n_blocks):
 @pytest.mark.parametrize("name", BLOCK_TYPES)
 def test_kernel_layout_round_trips(name):
     """to_kernel_layout keeps the shape and loses nothing; Q8_0 and Q6_K rows are their blocks' bodies, then the
-    blocks' d in order."""
+    blocks' d in order; the K-quants' bodies are stored by 16-byte chunks, chunk c of block b at 16 (5 c + b)."""
     qt = quant.quant_type(name)
     data = random_blocks(name, n_rows=3, n_blocks=5, seed=2)
     moved = quant.to_kernel_layout(data, name)
     assert moved.shape == data.shape and torch.equal(quant.from_kernel_layout(moved, name), data)
-    if name in quant.SCALE_MOVED_FROM:
-        at = quant.SCALE_MOVED_FROM[name]
-        d = data.reshape(3, 5, qt.block_bytes)[..., at:at + 2].reshape(3, 10)
-        assert torch.equal(moved[:, 5 * (qt.block_bytes - 2):], d)
-    else:
+    if name not in quant.SCALE_MOVED_FROM and name not in quant.CHUNKED:
         assert moved is data
+        return
+    blocks = data.reshape(3, 5, qt.block_bytes)
+    at = quant.SCALE_MOVED_FROM.get(name, qt.block_bytes)
+    body = torch.cat([blocks[..., :at], blocks[..., at + 2:]], dim=-1)  # [3, 5, body bytes]
+    if name in quant.SCALE_MOVED_FROM:
+        assert torch.equal(moved[:, 5 * body.shape[-1]:], blocks[..., at:at + 2].reshape(3, 10))
+    for b in range(5):
+        for c in range(body.shape[-1] // 16):
+            at_chunk = 16 * (5 * c + b) if name in quant.CHUNKED else body.shape[-1] * b + 16 * c
+            assert torch.equal(moved[:, at_chunk:at_chunk + 16], body[:, b, 16 * c:16 * c + 16])
 
 
 def test_unsupported_types():
