@@ -2,12 +2,11 @@
 
 A 2-D weight of N rows of K elements is uint8 [N, K // block_elems * block_bytes], each row its blocks back to
 back (GGUF stores rows contiguously, so a tensor's raw bytes reshape to this): the file's layout, which `reference`
-reads. The kernels read the kernel layout (`to_kernel_layout`): the same for every type but Q8_0 and Q6_K, whose
+reads. The kernels read the kernel layout (`to_kernel_layout`), which differs from it in two ways. Q8_0 and Q6_K
 blocks (34 and 210 bytes) leave their quants only 2-byte aligned, so each block's fp16 scale d moves to the end of
-its row (the quants can then be read as aligned 32-bit words), and the K-quants, whose rows are stored by 16-byte
+its row (the quants can then be read as aligned 32-bit words). Q4_K, Q5_K and Q6_K rows are stored by 16-byte
 chunks of their blocks (a load of the same chunk of consecutive blocks is then one contiguous run). F32, F16 and
-BF16 are "blocks" of one element
-to the reference (the loader keeps those weights dense: no kernel decodes them).
+BF16 are "blocks" of one element to the reference (the loader keeps those weights dense: no kernel decodes them).
 
 Semantics (`reference`): the float32 values gguf-py's `gguf.quants.dequantize` gives, bit for bit, computed with
 the same float32 operations in the same order. Every product in these formats is exact in float32: it has at most
